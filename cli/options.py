@@ -1,0 +1,83 @@
+"""Option types shared by several commands, and their conversion to library objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from onnx_linf.errors import UsageError
+from onnx_linf.pipeline import PreprocessOptions
+
+ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+CalibOpt = Annotated[Path, typer.Option("--calib", "-c", help="Clean calibration data: a folder of images "
+                                        "(recursive; PNG/JPEG/BMP/WebP) or a .npy/.npz array file.")]
+Layers = Annotated[str, typer.Option("--layers", "-l", help="Activation maps to measure: 'all', 'last', or "
+                                     "comma-separated tensor names.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per inference batch.")]
+Provider = Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when usable, "
+                                       "else CPU), cpu, cuda, tensorrt.")]
+JsonOut = Annotated[Optional[str], typer.Option("--json", help="Write the machine-readable report to FILE, "
+                                                "or '-' for stdout.", metavar="FILE|-")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Use at most N calibration images.")]
+Size = Annotated[Optional[str], typer.Option("--size", help="Resize images to HxW (required when the model's "
+                                             "spatial size is dynamic).", metavar="HxW")]
+Layout = Annotated[Optional[str], typer.Option("--layout", help="Input layout NCHW or NHWC (default: from the "
+                                               "model's input shape).")]
+Channels = Annotated[Optional[str], typer.Option("--channels", help="Channel order RGB, BGR or L (default: RGB, "
+                                                 "or L for 1-channel inputs).")]
+Scale = Annotated[Optional[float], typer.Option("--scale", help="Pixel multiplier applied first (default 1/255).")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean after scaling, e.g. "
+                                             "0.485,0.456,0.406 (default 0).")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225 "
+                                            "(default 1).")]
+Trigger = Annotated[Optional[Path], typer.Option("--trigger", help="Trigger image (PNG) at the model's input "
+                                                 "size, stamped as x' = (1-m)x + m t.")]
+Mask = Annotated[Optional[Path], typer.Option("--mask", help="Trigger mask image: white = trigger, grey = "
+                                              "blend, black = image.")]
+Suspect = Annotated[Optional[Path], typer.Option("--suspect", help="Real suspicious (triggered) images: folder "
+                                                 "or .npy/.npz.")]
+
+
+def parse_layers(value: str) -> str | tuple[str, ...]:
+    """'all' / 'last' / comma-separated names."""
+    value = value.strip()
+    if value in ("all", "last"):
+        return value
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise UsageError("--layers needs 'all', 'last' or tensor names")
+    return names
+
+
+def parse_floats(value: str | None, option: str) -> tuple[float, ...] | None:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, got {value!r}") from None
+
+
+def parse_size(value: str | None) -> tuple[int, int] | None:
+    """'224x224' -> (224, 224)."""
+    if value is None:
+        return None
+    parts = value.lower().replace("*", "x").split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise UsageError(f"--size takes HxW, got {value!r}") from None
+    if h < 1 or w < 1:
+        raise UsageError(f"--size must be positive, got {value!r}")
+    return h, w
+
+
+def preprocess_options(size: str | None, layout: str | None, channels: str | None, scale: float | None,
+                       mean: str | None, std: str | None) -> PreprocessOptions:
+    """Build the library's preprocessing overrides from CLI strings."""
+    return PreprocessOptions(size=parse_size(size), layout=layout, channels=channels, scale=scale,
+                             mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))

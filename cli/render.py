@@ -1,0 +1,59 @@
+"""Rich renderings of library results (stderr)."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.table import Table
+
+from onnx_linf.report import ScanReport
+
+from .console import console
+
+
+def model_summary(report: ScanReport) -> None:
+    """Model, provider, preprocessing and calibration lines."""
+    m = report.model
+    pp = report.preprocess
+    console.print(f"[bold]model[/] {m.path}  opset {m.opset}  input {m.input} {m.input_shape}  "
+                  f"sha256 {m.sha256[:12]}")
+    console.print(f"[bold]provider[/] {report.provider}   [bold]calibration[/] {report.calibration['source']} "
+                  f"(batch {report.calibration['batch_size']})")
+    console.print(f"[bold]preprocessing[/] ({pp['source']}) size {pp['size'][0]}x{pp['size'][1]} "
+                  f"{pp['layout']} {pp['channels']} scale {pp['scale']:.6g} mean {pp['mean']} std {pp['std']}")
+
+
+def taps_table(report: ScanReport, top: int = 3) -> Table:
+    """Per tap: shape, and the most extreme channels by the policy's score."""
+    score = report.policy["score"]
+    table = Table(title=f"activation maps measured ({len(report.taps)}); top channels by {score}",
+                  title_justify="left")
+    table.add_column("tap")
+    table.add_column("kind")
+    table.add_column("C", justify="right")
+    table.add_column("HxW", justify="right")
+    table.add_column(f"top channels: {score} (mean ℓ∞ clean / max)")
+    table.add_column("flagged", justify="right")
+    for tap in report.taps:
+        linf = tap.stats.get("linf")
+        scores = np.asarray(tap.scores)
+        order = np.argsort(-scores, kind="stable")[:top] if scores.size else []
+        cells = []
+        for c in order:
+            extra = f" ({linf.mean[c]:.3g}/{linf.max[c]:.3g})" if linf else ""
+            cells.append(f"#{c} {scores[c]:.3g}{extra}")
+        hw = "x".join("?" if d is None else str(d) for d in tap.spatial)
+        name = tap.name + (" (last)" if tap.is_last else "")
+        table.add_row(name, tap.kind, str(tap.channels), hw, ", ".join(cells), str(len(tap.flagged)))
+    return table
+
+
+def flagged_lines(report: ScanReport) -> None:
+    """The flagged channels, labelled for what they are."""
+    flagged = report.flagged_channels()
+    total = sum(len(v) for v in flagged.values())
+    what = "evidence-ranked" if report.policy["evidence"] else "most active on clean images (not backdoor evidence)"
+    console.print(f"[bold]flagged[/] {total} channels in {len(flagged)} maps — {what}")
+    for tap, chans in list(flagged.items())[:12]:
+        console.print(f"  {tap}: {chans[:16]}{' ...' if len(chans) > 16 else ''}")
+    if len(flagged) > 12:
+        console.print(f"  ... and {len(flagged) - 12} more maps (see --json)")

@@ -1,0 +1,80 @@
+"""``onnx-linf scan``: measure per-channel ℓ∞/ℓ1/ℓ2 statistics and flag channels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from onnx_linf.pipeline import Evidence, ScanConfig, scan
+
+from . import options as o
+from .console import BarProgress, console, user_errors, write_json
+from .exit_codes import ExitCode
+from .render import flagged_lines, model_summary, taps_table
+
+
+def scan_command(
+    model: o.ModelArg,
+    calib: o.CalibOpt,
+    layers: o.Layers = "all",
+    ratio: Annotated[float, typer.Option(help="Fraction of channels per map to flag (ratio policy).")] = 0.1,
+    policy: Annotated[str, typer.Option(help="ratio (top fraction per map) or outliers (robust z-score).")] = "ratio",
+    threshold: Annotated[float, typer.Option(help="Robust z-score threshold of the outliers policy.")] = 3.5,
+    score: Annotated[str, typer.Option(help="Statistic to rank by: linf, l1 or l2.")] = "linf",
+    stats: Annotated[str, typer.Option(help="Statistics to measure, comma-separated (linf,l1,l2).")] = "linf,l1,l2",
+    trigger: o.Trigger = None,
+    mask: o.Mask = None,
+    suspect: o.Suspect = None,
+    batch_size: o.BatchSize = 32,
+    provider: o.Provider = "auto",
+    limit: o.Limit = None,
+    size: o.Size = None,
+    layout: o.Layout = None,
+    channels: o.Channels = None,
+    scale: o.Scale = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of every conv activation map on calibration images.
+
+    Without trigger evidence, flagged channels are the most active ones on clean images: that is a
+    description of the model, not evidence of a backdoor. Give --trigger/--mask or --suspect to
+    rank channels by differential ℓ∞ (evidence minus clean).
+    """
+    with user_errors():
+        config = ScanConfig(
+            layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold, score=score,
+            stats=tuple(s.strip() for s in stats.split(",") if s.strip()), batch_size=batch_size,
+            provider=provider, limit=limit,
+            preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
+        )
+        evidence = None
+        if trigger is not None or suspect is not None or mask is not None:
+            evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
+        report = scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet))
+        write_json(json_out, report.to_json())
+    if not quiet:
+        model_summary(report)
+        console.print(taps_table(report))
+        flagged_lines(report)
+        console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
+        _next_steps(model, calib, report.policy["evidence"])
+    raise typer.Exit(ExitCode.OK)
+
+
+def _next_steps(model: Path, calib: Path, evidence: bool) -> None:
+    console.print("[bold]next[/]")
+    console.print(f"  trigger-free sanitising:  onnx-linf clamp {model} --calib {calib} -o safe.onnx")
+    if not evidence:
+        console.print(f"  with a known trigger:     onnx-linf prune {model} --calib {calib} --ratio 0.1 "
+                      "--trigger T.png --mask M.png -o clean.onnx")
+    else:
+        console.print(f"  prune these channels:     onnx-linf prune {model} --calib {calib} --from-report REPORT.json "
+                      "-o clean.onnx")
+
+
+_ = Optional  # typing re-export for annotations evaluated by typer

@@ -1,0 +1,212 @@
+"""Stage 9: machine-readable reports (frozen dataclasses -> JSON).
+
+Every report carries `schema_version`; bump it when a field changes meaning or disappears.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import CalibrationDataError
+from .flag import Flagged
+from .load import Model
+from .stats import ChannelStats
+from .taps import Tap
+
+SCHEMA_VERSION = 1
+
+#: Verdicts. ``not-assessed``: statistics only, no trigger evidence was available to judge.
+VERDICTS = ("clean", "suspected", "not-assessed")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the input model."""
+
+    path: str
+    """Path as given."""
+    sha256: str
+    """sha256 of the model file."""
+    opset: int
+    """Default-domain opset."""
+    input: str
+    """Image input name."""
+    input_shape: list
+    """Input shape (ints, symbolic names or null)."""
+
+    @classmethod
+    def of(cls, model: Model) -> ModelInfo:
+        """Summarise a loaded model."""
+        return cls(str(model.path), model.sha256, model.opset, model.input.name, list(model.input.shape))
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Aggregates of one per-image statistic over the calibration images, per channel."""
+
+    mean: list[float]
+    """Mean over images."""
+    std: list[float]
+    """Population standard deviation over images."""
+    max: list[float]
+    """Largest value over images."""
+    min: list[float]
+    """Smallest value over images."""
+
+
+@dataclass(frozen=True)
+class TapReport:
+    """Everything measured and decided about one tap."""
+
+    name: str
+    """Tensor name."""
+    kind: str
+    """``conv``, ``merge``, ``head`` or ``named``."""
+    channels: int
+    """Number of channels."""
+    spatial: list
+    """[H, W] (null when dynamic)."""
+    is_last: bool
+    """True for the map feeding the classifier head."""
+    stats: dict[str, NormStats]
+    """Statistic name -> aggregates over clean calibration images."""
+    scores: list[float]
+    """Per-channel score the policy ranked by."""
+    flagged: list[int]
+    """Flagged channels, most extreme first."""
+    evidence_stats: dict[str, NormStats] | None = None
+    """Same aggregates on trigger-stamped / suspect images, when evidence was given."""
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """Result of `onnx_linf.scan` (and the base of the prune/clamp reports)."""
+
+    model: ModelInfo
+    """The input model."""
+    provider: str
+    """ONNX Runtime execution provider that actually ran."""
+    preprocess: dict
+    """Preprocessing used (size, layout, channels, scale, mean, std, source)."""
+    calibration: dict
+    """Calibration source description, image count and batch size."""
+    policy: dict
+    """Flagging policy: name, score, evidence, parameters."""
+    taps: list[TapReport]
+    """Per tap, in graph order."""
+    verdict: str
+    """One of `VERDICTS`."""
+    verdict_reason: str
+    """One sentence on why."""
+    evidence: dict | None = None
+    """Trigger or suspect evidence used, if any."""
+    schema_version: int = SCHEMA_VERSION
+    """Report schema version."""
+    tool: str = "onnx-linf"
+    """Tool name."""
+    tool_version: str = __version__
+    """Tool version."""
+    extra: dict = field(default_factory=dict)
+    """Command-specific sections (prune surgery, clamp bounds, evaluation ...)."""
+
+    def flagged_channels(self) -> dict[str, list[int]]:
+        """Tap name -> flagged channels (taps with none left out)."""
+        return {t.name: list(t.flagged) for t in self.taps if t.flagged}
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary (numpy values converted, non-finite floats as null)."""
+        return _jsonable(asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Serialise to JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ScanReport:
+        """Rebuild a report from `to_dict` output."""
+        taps = []
+        for t in data["taps"]:
+            t = dict(t)
+            t["stats"] = {k: NormStats(**v) for k, v in t["stats"].items()}
+            if t.get("evidence_stats") is not None:
+                t["evidence_stats"] = {k: NormStats(**v) for k, v in t["evidence_stats"].items()}
+            taps.append(TapReport(**t))
+        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        kwargs["model"] = ModelInfo(**data["model"])
+        kwargs["taps"] = taps
+        return cls(**kwargs)
+
+
+def norm_stats(stats: ChannelStats) -> dict[str, NormStats]:
+    """Report form of a tap's per-image statistics."""
+    return {
+        name: NormStats(m.mean.tolist(), m.std.tolist(), m.max.tolist(), m.min.tolist())
+        for name, m in stats.moments.items()
+    }
+
+
+def tap_reports(taps: list[Tap], clean: dict[str, ChannelStats], flagged: Flagged | None,
+                evidence: dict[str, ChannelStats] | None = None) -> list[TapReport]:
+    """Assemble per-tap report entries."""
+    out = []
+    for tap in taps:
+        tf = flagged.taps.get(tap.name) if flagged is not None else None
+        out.append(TapReport(
+            name=tap.name, kind=tap.kind, channels=tap.channels, spatial=list(tap.spatial),
+            is_last=tap.is_last, stats=norm_stats(clean[tap.name]),
+            scores=[] if tf is None else tf.scores.tolist(),
+            flagged=[] if tf is None else list(tf.flagged),
+            evidence_stats=None if evidence is None else norm_stats(evidence[tap.name]),
+        ))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def load_report(path: str | os.PathLike) -> ScanReport:
+    """Read a report written by ``--json``.
+
+    Raises:
+        CalibrationDataError: unreadable file, not JSON, or not an onnx-linf report.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalibrationDataError(f"report not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalibrationDataError(f"cannot read report {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("tool") != "onnx-linf" or "taps" not in data:
+        raise CalibrationDataError(f"{path} is not an onnx-linf report")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise CalibrationDataError(
+            f"{path} has report schema {data.get('schema_version')}, this onnx-linf reads {SCHEMA_VERSION}")
+    try:
+        return ScanReport.from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise CalibrationDataError(f"{path} is not a valid onnx-linf report ({exc})") from None

@@ -1,0 +1,339 @@
+"""Stage 2: find the activation maps ("taps") to measure.
+
+A tap is a 4-D tensor `[N, C, H, W]` named by its ONNX tensor name. A *conv map* is the output of a
+Conv after the per-channel ops that directly follow it, each the single consumer of the previous
+tensor (BatchNormalization, a per-channel bias Add, Relu, Clip, ...). A *merge map* is the same for a
+residual Add of two 4-D maps (ResNets). The *last* map is the 4-D tensor that feeds the classifier
+head (GlobalAveragePool, Flatten, Gemm, ...), looked through channel-preserving pooling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import NoTapsError, UnsupportedModelError
+from .load import Model
+
+log = logging.getLogger(__name__)
+
+#: Per-channel ops with f(0) == 0, so a zero channel stays zero and folds stay exact.
+ZERO_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Tanh", "HardSwish",
+                             "Identity", "Dropout", "Celu", "Gelu", "Mish", "Softsign", "ThresholdedRelu"})
+#: Elementwise ops that act on each channel independently (the activation map continues through them).
+ELEMENTWISE = ZERO_PRESERVING | {"Sigmoid", "HardSigmoid", "Softplus", "Clip", "Erf", "Abs", "Neg"}
+#: Ops whose output is non-negative whatever their input.
+NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs"})
+#: Ops that keep channels but not positions: the classifier head may see a map through them.
+CHANNEL_PRESERVING_POOL = frozenset({"MaxPool", "AveragePool", "Identity", "Dropout"})
+#: Ops between the last activation map and the head's flattening.
+LOOK_THROUGH = CHANNEL_PRESERVING_POOL | {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"}
+#: Ops that start the classifier head when they consume a 4-D map.
+HEAD_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "Flatten", "ReduceMean", "ReduceMax",
+                      "Reshape", "Gemm", "MatMul"})
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One activation map onnx-linf measures."""
+
+    name: str
+    """ONNX tensor name of the map (stable id used by CLI, report and library)."""
+    channels: int
+    """Number of channels C."""
+    spatial: tuple[int | None, int | None]
+    """(H, W) when known statically, else None entries."""
+    kind: str
+    """``conv`` (after a Conv), ``merge`` (after a residual Add) or ``head`` (only feeds the head)."""
+    source: str
+    """Name of the node that starts the chain (the Conv or the Add)."""
+    chain: tuple[str, ...]
+    """Names of the nodes from `source` to the node producing the map, in order."""
+    non_negative: bool
+    """True when the map is provably >= 0 (ends in Relu, Sigmoid, Clip(min >= 0), ...)."""
+    is_last: bool = False
+    """True for the map that feeds the classifier head."""
+
+    @property
+    def static_spatial(self) -> bool:
+        """True when H and W are both known statically."""
+        return all(isinstance(d, int) for d in self.spatial)
+
+
+class GraphIndex:
+    """Producer/consumer lookups and inferred shapes for one graph."""
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        self.proto = proto
+        graph = proto.graph
+        self.nodes = list(graph.node)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.order: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            self.order[node.name or f"#{i}"] = i
+            for out in node.output:
+                self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.constants = {n.output[0]: n for n in self.nodes if n.op_type == "Constant"}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.shapes = _infer_shapes(proto)
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        """Name of a node, falling back to its position for unnamed nodes."""
+        return node.name or f"#{self.nodes.index(node)}"
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant output, else None (external data counts as unknown)."""
+        if name in self.initializers:
+            init = self.initializers[name]
+            if onnx.external_data_helper.uses_external_data(init):
+                return None
+            return numpy_helper.to_array(init)
+        if name in self.constants:
+            for attr in self.constants[name].attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+    def rank(self, name: str) -> int | None:
+        """Rank of a tensor from shape inference, or None."""
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # shape inference is best effort: a failure only loses shapes
+        log.debug("shape inference failed: %s", exc)
+        inferred = proto
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    graph = inferred.graph
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(
+            int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        )
+    return shapes
+
+
+def _is_per_channel_const(index: GraphIndex, name: str, channels: int | None) -> bool:
+    """True if `name` is a constant broadcastable as a per-channel [C,1,1] / [1,C,1,1] operand."""
+    value = index.const_value(name)
+    if value is None:
+        return False
+    shape = value.shape
+    if value.size == 1:
+        return True
+    squeezed = [d for d in shape if d != 1]
+    if len(squeezed) != 1:
+        return False
+    # The non-1 dim must be the channel axis: position -3 of a [.., C, 1, 1] broadcast.
+    return len(shape) >= 3 and shape[-3] == squeezed[0] and (channels is None or squeezed[0] == channels)
+
+
+def _continues_map(index: GraphIndex, node: onnx.NodeProto, tensor: str, channels: int | None) -> bool:
+    """Whether `node` (the single consumer of `tensor`) is a per-channel op the map continues through."""
+    op = node.op_type
+    if op in ELEMENTWISE:
+        return node.input[0] == tensor
+    if op == "BatchNormalization":
+        return node.input[0] == tensor and len(node.output) == 1
+    if op in ("Add", "Sub", "Mul", "Div"):
+        others = [i for i in node.input if i != tensor]
+        return len(others) == 1 and _is_per_channel_const(index, others[0], channels)
+    return False
+
+
+def _non_negative(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    if node.op_type in NON_NEGATIVE:
+        return True
+    if node.op_type == "Clip":
+        lo = None
+        if len(node.input) > 1 and node.input[1]:
+            lo = index.const_value(node.input[1])
+        for attr in node.attribute:  # opset < 11 keeps min as an attribute
+            if attr.name == "min":
+                lo = np.array(attr.f)
+        return lo is not None and float(np.min(lo)) >= 0.0
+    return False
+
+
+def _channels(index: GraphIndex, start: onnx.NodeProto, tensor: str) -> int | None:
+    if start.op_type == "Conv" and len(start.input) > 1:
+        weight = index.initializers.get(start.input[1])
+        if weight is not None:
+            return int(weight.dims[0])
+    shape = index.shapes.get(tensor)
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+        return shape[1]
+    return None
+
+
+def _follow_chain(index: GraphIndex, start: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]:
+    """Walk from `start`'s output through single-consumer per-channel ops; return (tensor, chain)."""
+    tensor = start.output[0]
+    chain = [start]
+    channels = _channels(index, start, tensor)
+    while tensor not in index.graph_outputs:
+        consumers = index.consumers.get(tensor, [])
+        if len(consumers) != 1 or not _continues_map(index, consumers[0], tensor, channels):
+            break
+        chain.append(consumers[0])
+        tensor = consumers[0].output[0]
+    return tensor, chain
+
+
+def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None:
+    tensor, chain = _follow_chain(index, start)
+    rank = index.rank(tensor)
+    if rank is not None and rank != 4:
+        return None
+    channels = _channels(index, start, tensor)
+    if channels is None:
+        log.debug("skipping %s: unknown channel count", tensor)
+        return None
+    shape = index.shapes.get(tensor, (None, None, None, None))
+    spatial = tuple(d if isinstance(d, int) else None for d in shape[2:4]) if len(shape) == 4 else (None, None)
+    return Tap(
+        name=tensor,
+        channels=channels,
+        spatial=spatial,  # type: ignore[arg-type]
+        kind=kind,
+        source=index.node_name(start),
+        chain=tuple(index.node_name(n) for n in chain),
+        non_negative=_non_negative(index, chain[-1]),
+    )
+
+
+def _is_residual_add(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    if node.op_type not in ("Add", "Sum") or len(node.input) < 2:
+        return False
+    if any(index.const_value(i) is not None for i in node.input):
+        return False
+    return all(index.rank(i) in (4, None) for i in node.input) and index.rank(node.output[0]) == 4
+
+
+def _find_head_map(index: GraphIndex) -> str | None:
+    """The 4-D tensor consumed by the classifier head closest to the graph output."""
+    best: tuple[int, str] | None = None
+    for i, node in enumerate(index.nodes):
+        if node.op_type not in HEAD_OPS or not node.input:
+            continue
+        tensor = node.input[0]
+        if index.rank(tensor) != 4:
+            continue
+        if best is None or i > best[0]:
+            best = (i, tensor)
+    if best is None:
+        return None
+    tensor = best[1]
+    # Look through pooling that keeps channels: MaxPool(relu3) -> Flatten measures relu3, and
+    # GlobalAveragePool(relu) -> Flatten measures relu (the post-residual map in a ResNet).
+    while tensor in index.producer and index.producer[tensor].op_type in LOOK_THROUGH:
+        pool = index.producer[tensor]
+        if index.rank(pool.input[0]) != 4 or len(index.consumers.get(pool.input[0], [])) != 1:
+            break
+        tensor = pool.input[0]
+    return tensor
+
+
+def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
+    """Find the activation maps to measure.
+
+    Args:
+        model: the loaded model.
+        layers: ``"all"`` (every conv and residual-merge map), ``"last"`` (the map feeding the
+            classifier head), or a sequence of tensor names.
+
+    Returns:
+        Taps in graph (topological) order, without duplicates.
+
+    Raises:
+        NoTapsError: the model has no convolutional activation map (or `layers` selects none).
+        UnsupportedModelError: a requested tensor name is not a 4-D map of the graph.
+    """
+    index = GraphIndex(model.proto)
+    found: dict[str, Tap] = {}
+    for node in index.nodes:
+        kind = "conv" if node.op_type == "Conv" else "merge" if _is_residual_add(index, node) else None
+        if kind is None:
+            continue
+        tap = _make_tap(index, kind, node)
+        if tap is not None and tap.name not in found:
+            found[tap.name] = tap
+    if not any(t.kind == "conv" for t in found.values()):
+        raise NoTapsError(f"no convolutional activation map found in {model.path.name}: nothing to scan")
+
+    head = _find_head_map(index)
+    if head is not None:
+        if head in found:
+            old = found[head]
+            found[head] = Tap(old.name, old.channels, old.spatial, old.kind, old.source, old.chain,
+                              old.non_negative, is_last=True)
+        else:
+            tap = _tap_for_tensor(index, head, kind="head")
+            if tap is not None:
+                found[head] = Tap(tap.name, tap.channels, tap.spatial, tap.kind, tap.source, tap.chain,
+                                  tap.non_negative, is_last=True)
+    taps = sorted(found.values(), key=lambda t: _position(index, t.name))
+
+    if isinstance(layers, str) and layers == "all":
+        return taps
+    if isinstance(layers, str) and layers == "last":
+        last = [t for t in taps if t.is_last]
+        if not last:
+            # No recognisable head (e.g. a fully convolutional classifier): the deepest conv map.
+            last = [taps[-1]]
+        return last
+    names = [layers] if isinstance(layers, str) else list(layers)
+    selected = []
+    for name in names:
+        if name in found:
+            selected.append(found[name])
+            continue
+        tap = _tap_for_tensor(index, name, kind="named")
+        if tap is None:
+            known = ", ".join(t.name for t in taps[:8])
+            raise UnsupportedModelError(
+                f"'{name}' is not a 4-D activation map of this model (known maps: {known}"
+                f"{', ...' if len(taps) > 8 else ''})"
+            )
+        selected.append(tap)
+    return selected
+
+
+def _position(index: GraphIndex, tensor: str) -> int:
+    producer = index.producer.get(tensor)
+    return index.nodes.index(producer) if producer is not None else -1
+
+
+def _tap_for_tensor(index: GraphIndex, tensor: str, kind: str) -> Tap | None:
+    """A tap for an arbitrary 4-D tensor of the graph (explicit names, or a head map)."""
+    producer = index.producer.get(tensor)
+    if producer is None or index.rank(tensor) not in (4, None):
+        return None
+    shape = index.shapes.get(tensor)
+    if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
+        return None
+    return Tap(
+        name=tensor,
+        channels=shape[1],
+        spatial=tuple(d if isinstance(d, int) else None for d in shape[2:4]),  # type: ignore[arg-type]
+        kind=kind,
+        source=index.node_name(producer),
+        chain=(index.node_name(producer),),
+        non_negative=_non_negative(index, producer),
+    )

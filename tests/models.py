@@ -1,0 +1,165 @@
+"""Small ONNX models built in code for the tests (seeded, a few KB each).
+
+Each builder returns a `ModelProto`; a sketch of the graph is in its docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphBuilder:
+    """A tiny helper around onnx.helper that names tensors and seeds weights."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 3, group: int = 1, bias: bool = True,
+             stride: int = 1) -> str:
+        w = self.const(f"{name}.w", self.rng.normal(0, 0.5, (cout, cin // group, k, k)))
+        inputs = [x, w]
+        if bias:
+            inputs.append(self.const(f"{name}.b", self.rng.normal(0, 0.1, cout)))
+        return self.node("Conv", inputs, name, pads=[k // 2] * 4, group=group, strides=[stride, stride],
+                         kernel_shape=[k, k])
+
+    def bn(self, x: str, c: int, name: str) -> str:
+        scale = self.const(f"{name}.scale", self.rng.uniform(0.5, 1.5, c))
+        bias = self.const(f"{name}.bias", self.rng.normal(0, 0.2, c))
+        mean = self.const(f"{name}.mean", self.rng.normal(0, 0.2, c))
+        var = self.const(f"{name}.var", self.rng.uniform(0.5, 1.5, c))
+        return self.node("BatchNormalization", [x, scale, bias, mean, var], name, epsilon=1e-5)
+
+    def gemm(self, x: str, cin: int, cout: int, name: str) -> str:
+        w = self.const(f"{name}.w", self.rng.normal(0, 0.3, (cout, cin)))
+        b = self.const(f"{name}.b", self.rng.normal(0, 0.1, cout))
+        return self.node("Gemm", [x, w, b], name, transB=1)
+
+    def model(self, x_shape: list, out: str, out_shape: list, opset: int = 17, ir: int | None = None,
+              input_name: str = "input") -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "test",
+            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+            self.inits,
+        )
+        ir_version = ir or (8 if opset <= 17 else 9)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+        model.producer_name = "onnx-linf-tests"
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def plain_cnn(opset: int = 17, batch: int | str = "N") -> onnx.ModelProto:
+    """input[N,3,8,8] -> conv1 -> bn1 -> relu1 -> conv2 -> relu2 -> Flatten -> Gemm -> logits[N,4]
+
+    Guards: a last conv feeding Flatten+Gemm is found as the last map; BN/Relu are part of the tap.
+    """
+    g = GraphBuilder(1)
+    x = g.node("Relu", [g.bn(g.conv("input", 3, 6, "conv1"), 6, "bn1")], "relu1")
+    x = g.node("Relu", [g.conv(x, 6, 5, "conv2")], "relu2")
+    x = g.node("Flatten", [x], "flatten", axis=1)
+    out = g.gemm(x, 5 * 8 * 8, 4, "fc")
+    return g.model([batch, 3, 8, 8], out, [batch, 4], opset=opset)
+
+
+def resnet_block(opset: int = 17) -> onnx.ModelProto:
+    """input -> stem(conv,bn,relu) -> [conv,bn,relu,conv,bn] + skip -> Add -> Relu -> GAP -> Flatten -> Gemm
+
+    Guards: the last map is the post-residual Relu (not a conv output); the second conv's map ends at
+    its BN because the residual Add is not a per-channel op.
+    """
+    g = GraphBuilder(2)
+    stem = g.node("Relu", [g.bn(g.conv("input", 3, 8, "stem", bias=False), 8, "stem_bn")], "stem_relu")
+    y = g.node("Relu", [g.bn(g.conv(stem, 8, 8, "c1", bias=False), 8, "bn1")], "r1")
+    y = g.bn(g.conv(y, 8, 8, "c2", bias=False), 8, "bn2")
+    s = g.node("Add", [y, stem], "add")
+    s = g.node("Relu", [s], "post_relu")
+    p = g.node("GlobalAveragePool", [s], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 8, 5, "fc")
+    return g.model(["N", 3, 8, 8], out, ["N", 5], opset=opset)
+
+
+def depthwise(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv(3->8) -> Clip(0,6) -> depthwise conv(group 8) -> Clip -> pointwise conv -> Relu -> GAP -> Gemm
+
+    Guards: grouped convolutions are taps; Clip(0, 6) counts as non-negative.
+    """
+    g = GraphBuilder(3)
+    lo, hi = g.const("zero", np.array(0.0)), g.const("six", np.array(6.0))
+    x = g.node("Clip", [g.conv("input", 3, 8, "c0"), lo, hi], "clip0")
+    x = g.node("Clip", [g.conv(x, 8, 8, "dw", group=8), lo, hi], "clip1")
+    x = g.node("Relu", [g.conv(x, 8, 6, "pw", k=1)], "relu2")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 6, 3, "fc")
+    return g.model(["N", 3, 8, 8], out, ["N", 3], opset=opset)
+
+
+def nhwc_input(opset: int = 17) -> onnx.ModelProto:
+    """input[N,8,8,3] -> Transpose -> conv -> LeakyRelu -> conv -> Relu -> GAP -> Flatten -> Gemm
+
+    Guards: NHWC models (TF exports) are preprocessed in NHWC; LeakyRelu maps go negative.
+    """
+    g = GraphBuilder(4)
+    t = g.node("Transpose", ["input"], "to_nchw", perm=[0, 3, 1, 2])
+    x = g.node("LeakyRelu", [g.conv(t, 3, 4, "c1")], "lrelu", alpha=0.1)
+    x = g.node("Relu", [g.conv(x, 4, 4, "c2")], "relu2")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 3, "fc")
+    return g.model(["N", 8, 8, 3], out, ["N", 3], opset=opset)
+
+
+def computed_weights(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv(W = Mul(w0, 2)) -> Relu -> GAP -> Flatten -> Gemm
+
+    Guards: a conv whose weight is produced by a node cannot be folded; surgery must use a mask.
+    """
+    g = GraphBuilder(5)
+    w0 = g.const("w0", g.rng.normal(0, 0.5, (4, 3, 3, 3)))
+    two = g.const("two", np.array(2.0))
+    w = g.node("Mul", [w0, two], "make_w")
+    x = g.node("Relu", [g.node("Conv", ["input", w], "conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3])], "relu")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 3, "fc")
+    return g.model(["N", 3, 6, 6], out, ["N", 3], opset=opset)
+
+
+def no_conv() -> onnx.ModelProto:
+    """input[N,3,4,4] -> Flatten -> Gemm: nothing to scan."""
+    g = GraphBuilder(6)
+    f = g.node("Flatten", ["input"], "flatten", axis=1)
+    out = g.gemm(f, 48, 2, "fc")
+    return g.model(["N", 3, 4, 4], out, ["N", 2])
+
+
+def dynamic_spatial() -> onnx.ModelProto:
+    """input[N,3,H,W] -> conv -> Relu -> GAP -> Flatten -> Gemm: spatial size unknown statically."""
+    g = GraphBuilder(7)
+    x = g.node("Relu", [g.conv("input", 3, 4, "conv")], "relu")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 2, "fc")
+    return g.model(["N", 3, "H", "W"], out, ["N", 2])
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
