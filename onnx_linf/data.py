@@ -132,14 +132,13 @@ class Preprocess:
         else:
             sources.add("options")
 
-        if channels is None:
-            channels = meta.get("channels")
-            if channels is not None:
-                sources.add("model metadata")
-        if channels is None:
-            channels = "L" if c_dim == 1 else "RGB"
-        else:
+        if channels is not None:
             sources.add("options")
+        elif "channels" in meta:
+            channels = meta["channels"]
+            sources.add("model metadata")
+        else:
+            channels = "L" if c_dim == 1 else "RGB"
         channels = channels.upper()
         if channels not in ("RGB", "BGR", "L"):
             raise UsageError(f"channel order must be RGB, BGR or L, got {channels!r}")
