@@ -10,7 +10,10 @@ from onnx_linf import __version__
 
 from .console import console, setup_logging
 from .exit_codes import EPILOG
+from .clamp import clamp_command
+from .evaluate import evaluate_command
 from .inspect import inspect_command
+from .prune import prune_command
 from .scan import scan_command
 
 app = typer.Typer(
@@ -42,6 +45,9 @@ def root(
 
 app.command("scan", epilog=EPILOG)(scan_command)
 app.command("inspect", epilog=EPILOG)(inspect_command)
+app.command("prune", epilog=EPILOG)(prune_command)
+app.command("clamp", epilog=EPILOG)(clamp_command)
+app.command("evaluate", epilog=EPILOG)(evaluate_command)
 
 
 def main() -> None:

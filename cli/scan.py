@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -77,4 +77,3 @@ def _next_steps(model: Path, calib: Path, evidence: bool) -> None:
                       "-o clean.onnx")
 
 
-_ = Optional  # typing re-export for annotations evaluated by typer

@@ -49,3 +49,26 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     return out
+
+
+def save_model(proto, path: str | os.PathLike, *, external_data: bool = False) -> None:
+    """Write an ONNX model atomically; with `external_data`, weights go to ``<name>.data`` beside it.
+
+    Both files are written under temporary names in the destination folder and renamed into place
+    only when complete (weights first, so the model never points at a half-written file).
+    """
+    import onnx  # local: keeps this module importable without onnx for the text helpers
+
+    path = Path(path)
+    if not external_data:
+        atomic_write(path, lambda p: onnx.save_model(proto, str(p)))
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    data_name = f"{path.name}.data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=folder) as tmp:
+        tmp_model = Path(tmp) / path.name
+        onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        if (Path(tmp) / data_name).exists():
+            os.replace(Path(tmp) / data_name, folder / data_name)
+        os.replace(tmp_model, path)

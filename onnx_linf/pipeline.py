@@ -6,16 +6,21 @@ renders the result and picks the exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .calibrate import Progress, Session, create_session, run_batches
+import numpy as np
+import onnx
+
+from .calibrate import Progress, Session, create_session, model_tensor, run_batches
 from .data import DataSource, Preprocess, Trigger, open_source
 from .errors import UsageError
-from .flag import SCORE_STATS, Flagged, by_outliers, by_ratio, clean_scores, differential_scores
-from .instrument import CHANNEL_STATS, POSITION_STATS, BATCH_STATS, instrument
+from .files import check_output_path, save_model
+from .flag import SCORE_STATS, Flagged, by_outliers, by_ratio, clean_scores, differential_scores, from_channels
+from .instrument import BATCH_STATS, CHANNEL_STATS, POSITION_STATS, TOPK_STATS, instrument
 from .load import Model, load_model
 from .report import ModelInfo, ScanReport, tap_reports
 from .stats import ChannelStats, StatsCollector
@@ -92,13 +97,15 @@ class Probe:
     """An instrumented ORT session that measures a fixed set of taps on any data source."""
 
     def __init__(self, model: Model, taps: Sequence[Tap], stats: Sequence[str] = CHANNEL_STATS,
-                 provider: str = "auto", per_tap_stats: dict[str, Sequence[str]] | None = None) -> None:
+                 provider: str = "auto", per_tap_stats: dict[str, Sequence[str]] | None = None,
+                 topk: int = 1) -> None:
         self.model = model
         self.taps = list(taps)
-        self.instrumented = instrument(model, self.taps, stats, per_tap_stats)
+        self.topk = topk
+        self.instrumented = instrument(model, self.taps, stats, per_tap_stats, topk=topk)
         self.session: Session = create_session(model, self.instrumented.proto, provider)
         self.batch_level = [name for name, ref in self.instrumented.outputs.items()
-                            if ref.stat in POSITION_STATS + BATCH_STATS]
+                            if ref.stat in POSITION_STATS + BATCH_STATS + TOPK_STATS]
 
     @property
     def provider(self) -> str:
@@ -108,11 +115,12 @@ class Probe:
     def measure(self, source: DataSource, preprocess: Preprocess, batch_size: int,
                 trigger: Trigger | None = None, progress: Progress | None = None) -> dict[str, ChannelStats]:
         """Stream `source` (stamped with `trigger` if given) and aggregate statistics per tap."""
-        collector = StatsCollector(self.instrumented.outputs, {t.name: t.channels for t in self.taps})
+        collector = StatsCollector(self.instrumented.outputs, {t.name: t.channels for t in self.taps}, self.topk)
         names = self.instrumented.output_names()
+        sizes: list[int] = []
         for values in run_batches(self.session, source, preprocess, names, batch_size, trigger, progress,
-                                  batch_level=self.batch_level):
-            collector.update(values)
+                                  batch_level=self.batch_level, on_batch=lambda b: sizes.append(len(b))):
+            collector.update(values, images=sizes[-1])
         return collector.result()
 
 
@@ -234,3 +242,296 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         verdict_reason=reason,
         evidence=None if evidence is None else evidence.describe(),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# prune
+# --------------------------------------------------------------------------------------------
+
+EVIDENCE_HELP = ("pruning needs trigger evidence: pass --trigger T.png --mask M.png, --suspect IMAGES, "
+                 "or --from-report REPORT.json (or --evidence none to rank by clean activity, for study only)")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of a prune."""
+
+    scan: ScanConfig = field(default_factory=lambda: ScanConfig(layers="last"))
+    """How channels are measured and ranked (default: the last map, as in the paper)."""
+    evidence: str = "required"
+    """``required`` (trigger, suspect images or report), or ``none`` (rank by clean activity: study only)."""
+    fold: bool = True
+    """Fold zeroing into weights where exact (else always insert a mask)."""
+    verify_images: int = 256
+    """Calibration images the verification compares outputs on."""
+    atol: float = 1e-4
+    """Absolute tolerance of the numeric verification."""
+    rtol: float = 1e-4
+    """Relative tolerance of the numeric verification."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What `prune` did."""
+
+    report: ScanReport
+    """Scan-style report; `extra` holds ``surgery``, ``verification``, ``output`` and ``evaluation``."""
+    proto: onnx.ModelProto = field(repr=False)
+    """The pruned model (already written when an output path was given)."""
+
+
+def _load_with_weights(model: Model) -> Model:
+    """A copy of the model with external weights loaded, so surgery can read and change them."""
+    if not model.has_external_data:
+        return model
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    onnx.external_data_helper.load_external_data_for_model(proto, str(model.base_dir))
+    return dataclasses.replace(model, proto=proto, has_external_data=False)
+
+
+def _verify_inputs(source: DataSource, preprocess: Preprocess, batch_size: int, limit: int) -> list[np.ndarray]:
+    out, seen = [], 0
+    for batch in source.batches(batch_size):
+        out.append(model_tensor(batch, preprocess))
+        seen += len(batch)
+        if seen >= limit:
+            break
+    return out
+
+
+def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
+          config: PruneConfig | None = None, *, evidence: Evidence | None = None,
+          from_report: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+          force: bool = False, progress: Progress | None = None) -> PruneResult:
+    """Zero the channels most driven by trigger evidence, verify the result, and write it.
+
+    Args:
+        model_path: the ONNX model (path or loaded `Model`).
+        calib: clean calibration data.
+        config: prune options.
+        evidence: trigger or suspect images (ranking by differential score).
+        from_report: prune exactly the channels a scan report flagged instead.
+        output: where to write the pruned model (never the input file).
+        force: overwrite an existing output file (never the input).
+        progress: progress sink.
+
+    Returns:
+        The report and the pruned model.
+
+    Raises:
+        UsageError: no evidence (unless ``config.evidence == "none"``), or a bad output path.
+        VerificationError: the pruned model differs from the masked reference; nothing is written.
+    """
+    from .report import load_report
+    from .rewrite import mask_reference, zero_channels
+    from .verify import require_ok, verify_model
+
+    config = config or PruneConfig()
+    scan_cfg = config.scan
+    scan_cfg.validate()
+    if config.evidence not in ("required", "none"):
+        raise UsageError(f"--evidence must be 'required' or 'none', got {config.evidence!r}")
+    if from_report is not None and evidence is not None:
+        raise UsageError("--from-report already fixes the channels; drop --trigger/--suspect")
+    if from_report is None and evidence is None and config.evidence == "required":
+        raise UsageError(EVIDENCE_HELP)
+    model = model_path if isinstance(model_path, Model) else load_model(model_path)
+    if output is not None:
+        check_output_path(output, [model.path], force)
+    preprocess = scan_cfg.preprocess.resolve(model)
+    source = calib if isinstance(calib, DataSource) else open_source(calib, preprocess, limit=scan_cfg.limit)
+
+    if from_report is not None:
+        report_in = load_report(from_report)
+        if report_in.model.sha256 != model.sha256:
+            raise UsageError(f"{from_report} was made for another model (sha256 {report_in.model.sha256[:12]}, "
+                             f"this one {model.sha256[:12]})")
+        wanted = report_in.flagged_channels()
+        if not wanted:
+            raise UsageError(f"{from_report} flags no channels: nothing to prune")
+        taps = find_taps(model, list(wanted))
+        probe = Probe(model, taps, scan_cfg.stats, scan_cfg.provider)
+        clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
+        flagged = from_channels(wanted, policy="report", score=report_in.policy.get("score", "from report"),
+                                evidence=bool(report_in.policy.get("evidence")),
+                                sizes={t.name: t.channels for t in taps})
+        ev_stats = None
+    else:
+        taps = find_taps(model, scan_cfg.layers if isinstance(scan_cfg.layers, str) else list(scan_cfg.layers))
+        if evidence is not None:
+            evidence.load_trigger(preprocess)
+        probe = Probe(model, taps, scan_cfg.stats, scan_cfg.provider)
+        clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
+        ev_stats = None
+        if evidence is not None:
+            ev_stats = measure_evidence(probe, evidence, source, preprocess, scan_cfg.batch_size, scan_cfg.limit,
+                                        progress)
+        flagged = score_and_flag(scan_cfg, clean, ev_stats)
+
+    editable = _load_with_weights(model)
+    channels = flagged.channels()
+    pruned, records = zero_channels(editable, taps, channels, fold=config.fold)
+    reference = mask_reference(editable, channels)
+    inputs = _verify_inputs(source, preprocess, scan_cfg.batch_size, config.verify_images)
+    result = verify_model(editable, pruned, reference, inputs, atol=config.atol, rtol=config.rtol,
+                          provider=scan_cfg.provider)
+    require_ok(result)
+    if output is not None:
+        save_model(pruned, output, external_data=model.has_external_data)
+        log.info("wrote %s", output)
+
+    report = ScanReport(
+        model=ModelInfo.of(model),
+        provider=probe.provider,
+        preprocess=preprocess.to_dict(),
+        calibration={"source": source.description, "images": len(source), "batch_size": scan_cfg.batch_size},
+        policy={"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
+                "ratio": scan_cfg.ratio if flagged.policy == "ratio" else None,
+                "threshold": scan_cfg.threshold if flagged.policy == "outliers" else None,
+                "layers": [t.name for t in taps]},
+        taps=tap_reports(taps, clean, flagged, ev_stats),
+        verdict="not-assessed",
+        verdict_reason=f"pruned {flagged.total} channels ranked by {flagged.score}",
+        evidence=(evidence.describe() if evidence is not None
+                  else {"kind": "report", "path": str(from_report)} if from_report is not None else None),
+        extra={
+            "surgery": [dataclasses.asdict(r) for r in records],
+            "verification": dataclasses.asdict(result),
+            "output": None if output is None else str(output),
+        },
+    )
+    return PruneResult(report=report, proto=pruned)
+
+
+# --------------------------------------------------------------------------------------------
+# clamp
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClampConfig:
+    """Options of a clamp."""
+
+    layers: str | tuple[str, ...] = "all"
+    """Maps to bound: ``all`` (default: clamping only the last map is far weaker), ``last`` or names."""
+    granularity: str = "position"
+    """``position`` (one bound per channel x H x W) or ``channel`` (one per channel)."""
+    quantile: float = 100.0
+    """Bound = this quantile (percent) of clean values; 100 = the maximum (identity on calibration data)."""
+    margin: float = 0.0
+    """Widen every bound by ``margin * |bound|``."""
+    batch_size: int = 32
+    """Images per ORT run."""
+    provider: str = "auto"
+    """ORT provider."""
+    limit: int | None = None
+    """Use at most this many calibration images."""
+    preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
+    """Preprocessing overrides."""
+    verify_images: int = 256
+    """Calibration images the verification runs on."""
+
+
+@dataclass(frozen=True)
+class ClampResult:
+    """What `clamp` did."""
+
+    proto: onnx.ModelProto = field(repr=False)
+    """The clamped model (already written when an output path was given)."""
+    bounds: list = field(repr=False)
+    """`bounds.MapBound` per map."""
+    records: list
+    """`rewrite.ClampRecord` per map."""
+    report: dict
+    """JSON-ready report."""
+
+
+def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
+          config: ClampConfig | None = None, *, output: str | os.PathLike | None = None, force: bool = False,
+          progress: Progress | None = None, preprocess: Preprocess | None = None) -> ClampResult:
+    """Bound every activation map to the range clean calibration images produce: ``Min(a, τ)``.
+
+    No trigger, labels or gradients: clean images and forward passes only. Maps that can go
+    negative are bounded on both sides (``Max(a, lo)``). Position granularity falls back to channel
+    granularity for maps whose spatial size is not static.
+
+    Raises:
+        UsageError: bad options or output path.
+        VerificationError: at quantile 100 without margin, the clamped model must reproduce the
+            original's outputs on the calibration images exactly; otherwise nothing is written.
+    """
+    from .bounds import map_bound, stats_for, topk_for_quantile
+    from .report import ModelInfo
+    from .rewrite import ClampBound, clamp_maps
+    from .verify import require_ok, verify_model
+
+    config = config or ClampConfig()
+    if config.granularity not in ("position", "channel"):
+        raise UsageError(f"--granularity must be position or channel, got {config.granularity!r}")
+    if config.margin < 0:
+        raise UsageError(f"--margin must be >= 0, got {config.margin}")
+    model = model_path if isinstance(model_path, Model) else load_model(model_path)
+    if output is not None:
+        check_output_path(output, [model.path], force)
+    taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
+    preprocess = preprocess or config.preprocess.resolve(model)
+    source = calib if isinstance(calib, DataSource) else open_source(calib, preprocess, limit=config.limit)
+    k = topk_for_quantile(config.quantile, len(source))
+
+    granularity: dict[str, str] = {}
+    notes: list[str] = []
+    per_tap: dict[str, tuple[str, ...]] = {}
+    for tap in taps:
+        g = config.granularity
+        if g == "position" and not tap.static_spatial:
+            g = "channel"
+            notes.append(f"{tap.name}: spatial size is dynamic, bounded per channel")
+        granularity[tap.name] = g
+        per_tap[tap.name] = stats_for(g, two_sided=not tap.non_negative)
+    probe = Probe(model, taps, (), config.provider, per_tap_stats=per_tap, topk=k)
+    stats = probe.measure(source, preprocess, config.batch_size, progress=progress)
+    bounds = [map_bound(tap, stats[tap.name], granularity[tap.name], config.margin) for tap in taps]
+
+    editable = _load_with_weights(model)
+    proto, records = clamp_maps(editable, {b.tap: ClampBound(hi=b.hi, lo=b.lo) for b in bounds})
+    inputs = _verify_inputs(source, preprocess, config.batch_size, config.verify_images)
+    identity = config.quantile == 100.0 and config.margin == 0.0
+    # At q = 100 the clamp is the identity on the images it was fitted on, so the original model is
+    # the reference. Below 100 it is not meant to be: the check then covers structure and loading,
+    # and the report says how many calibration predictions changed.
+    result = verify_model(editable, proto, editable.proto, inputs, atol=1e-5, rtol=1e-5,
+                          provider=config.provider, exact=False) if identity else None
+    if result is not None:
+        require_ok(result)
+    agreement = _agreement(editable, proto, inputs, config.provider)
+    if output is not None:
+        save_model(proto, output, external_data=model.has_external_data)
+    report = {
+        "schema_version": 1, "tool": "onnx-linf", "command": "clamp",
+        "model": dataclasses.asdict(ModelInfo.of(model)), "provider": probe.provider,
+        "preprocess": preprocess.to_dict(),
+        "calibration": {"source": source.description, "images": len(source), "batch_size": config.batch_size},
+        "config": {"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
+                   "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin,
+                   "topk": k},
+        "maps": [{"tap": b.tap, "granularity": b.granularity, "two_sided": b.lo is not None,
+                  "elements": int(b.hi.size), "hi_mean": float(b.hi.mean()), "hi_max": float(b.hi.max()),
+                  "lo_min": None if b.lo is None else float(b.lo.min())} for b in bounds],
+        "notes": notes,
+        "verification": None if result is None else dataclasses.asdict(result),
+        "calibration_agreement": agreement,
+        "output": None if output is None else str(output),
+    }
+    return ClampResult(proto=proto, bounds=bounds, records=records, report=report)
+
+
+def _agreement(model: Model, proto: onnx.ModelProto, inputs: list[np.ndarray], provider: str) -> float:
+    """Fraction of inputs whose top-1 class is the same for the original and the rewritten model."""
+    a, b = create_session(model, None, provider), create_session(model, proto, provider)
+    same = total = 0
+    for x in inputs:
+        pa, pb = a.run(None, x)[0], b.run(None, x)[0]
+        same += int((pa.argmax(-1) == pb.argmax(-1)).sum())
+        total += len(x)
+    return same / total if total else float("nan")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .instrument import BATCH_STATS, CHANNEL_STATS, POSITION_STATS, RAW, TapOutput
+from .instrument import BATCH_STATS, CHANNEL_STATS, IMAGE_STATS, POSITION_STATS, RAW, TOPK_STATS, TapOutput
 
 
 @dataclass
@@ -69,6 +69,49 @@ class Moments:
 
 
 @dataclass
+class TopK:
+    """The k largest (or smallest) values seen along the image axis, per element: exact and streaming.
+
+    Memory is ``k`` times the element shape, independent of the number of images; the k-th largest
+    value is an exact order statistic, so quantiles from it carry no approximation error.
+    """
+
+    k: int
+    """How many extreme values to keep."""
+    largest: bool
+    """True: keep the largest values; False: the smallest."""
+    values: np.ndarray | None = None
+    """``[<=k, ...]`` kept values in "largest" orientation (negated when ``largest`` is False)."""
+    count: int = 0
+    """Number of images seen."""
+
+    def update(self, batch: np.ndarray, images: int | None = None) -> None:
+        """Fold in ``[m, ...]`` candidate values (all values of a batch, or a batch's own top-k)."""
+        vals = np.asarray(batch, dtype=np.float64)
+        vals = vals if self.largest else -vals
+        cat = vals if self.values is None else np.concatenate([self.values, vals])
+        if cat.shape[0] > self.k:
+            cat = np.partition(cat, cat.shape[0] - self.k, axis=0)[cat.shape[0] - self.k:]
+        self.values = cat
+        self.count += int(images if images is not None else batch.shape[0])
+
+    def merge(self, other: TopK) -> TopK:
+        """Exact combination of two shards."""
+        out = TopK(self.k, self.largest, None if self.values is None else self.values.copy(), self.count)
+        if other.values is not None:
+            out.update(other.values if other.largest else -other.values, images=other.count)
+            out.count = self.count + other.count
+        return out
+
+    def kth(self) -> np.ndarray:
+        """The k-th most extreme value per element (the most extreme if fewer than k were seen)."""
+        if self.values is None:
+            raise ValueError("no values seen")
+        v = self.values.min(axis=0)
+        return v if self.largest else -v
+
+
+@dataclass
 class ChannelStats:
     """All aggregates of one tap."""
 
@@ -86,6 +129,8 @@ class ChannelStats:
     """``[C]`` max over images and positions, if measured."""
     chan_min: np.ndarray | None = None
     """``[C]`` min over images and positions, if measured."""
+    top: dict[str, TopK] = field(default_factory=dict)
+    """Streaming top-k / bottom-k by statistic (``pos_top``, ``pos_bottom``, ``img_max``, ``img_min``)."""
 
     @property
     def count(self) -> int:
@@ -99,10 +144,14 @@ class ChannelStats:
         moments = dict(self.moments)
         for name, m in other.moments.items():
             moments[name] = moments[name].merge(m) if name in moments else m
+        top = dict(self.top)
+        for name, t in other.top.items():
+            top[name] = top[name].merge(t) if name in top else t
         return ChannelStats(
             self.tap, self.channels, moments,
             _combine(self.pos_max, other.pos_max, np.maximum), _combine(self.pos_min, other.pos_min, np.minimum),
             _combine(self.chan_max, other.chan_max, np.maximum), _combine(self.chan_min, other.chan_min, np.minimum),
+            top,
         )
 
 
@@ -117,17 +166,19 @@ def _combine(a: np.ndarray | None, b: np.ndarray | None, op) -> np.ndarray | Non
 class StatsCollector:
     """Folds per-batch instrumented outputs into one `ChannelStats` per tap."""
 
-    def __init__(self, outputs: Mapping[str, TapOutput], channels: Mapping[str, int]) -> None:
+    def __init__(self, outputs: Mapping[str, TapOutput], channels: Mapping[str, int], topk: int = 1) -> None:
         """
         Args:
             outputs: added output name -> (tap, statistic), from `instrument`.
             channels: tap name -> number of channels.
+            topk: k kept by the top-k statistics.
         """
+        self.topk = topk
         self.outputs = dict(outputs)
         self.stats = {tap: ChannelStats(tap, c) for tap, c in channels.items()}
 
-    def update(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Add one batch: ``{output_name: array}`` as returned by the session."""
+    def update(self, batch: Mapping[str, np.ndarray], images: int | None = None) -> None:
+        """Add one batch: ``{output_name: array}`` as returned by the session, for `images` images."""
         for name, value in batch.items():
             ref = self.outputs.get(name)
             if ref is None or ref.stat == RAW:
@@ -137,6 +188,10 @@ class StatsCollector:
             if ref.stat in CHANNEL_STATS:
                 m = Moments.of(value)
                 st.moments[ref.stat] = st.moments[ref.stat].merge(m) if ref.stat in st.moments else m
+            elif ref.stat in TOPK_STATS or ref.stat in IMAGE_STATS:
+                largest = ref.stat in ("pos_top", "img_max")
+                acc = st.top.setdefault(ref.stat, TopK(self.topk, largest))
+                acc.update(value, images=images if ref.stat in TOPK_STATS else None)
             elif ref.stat in POSITION_STATS or ref.stat in BATCH_STATS:
                 attr = ref.stat
                 op = np.maximum if attr.endswith("max") else np.minimum

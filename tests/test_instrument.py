@@ -99,3 +99,25 @@ def test_opset18_uses_axes_input(model_file):
     inst = instrument(model, find_taps(model), stats=("l1",))
     reduce_nodes = [n for n in inst.proto.graph.node if n.op_type == "ReduceL1"]
     assert reduce_nodes and all(len(n.input) == 2 and not n.attribute[0].name == "axes" for n in reduce_nodes)
+
+
+@pytest.mark.parametrize("case", ["resnet_block", "nhwc_input", "plain_cnn_opset13", "plain_cnn_opset18"])
+@pytest.mark.parametrize("n", [2, 5])
+def test_topk_and_image_extremes_equal_numpy(case, n, model_file):
+    """TopK over the batch axis (k=3, also when the batch is smaller than k) and signed per-image extremes."""
+    build, shape = CASES[case]
+    model = load_model(model_file(build()))
+    taps = find_taps(model, "all")
+    inst = instrument(model, taps, stats=("pos_top", "pos_bottom", "img_max", "img_min"), topk=3)
+    raw = instrument(model, taps, stats=("raw",))
+    x = np.random.default_rng(3).normal(0, 1, (n, *shape)).astype(np.float32)
+    got = dict(zip(inst.output_names(), create_session(model, inst.proto, "cpu").run(inst.output_names(), x)))
+    raws = dict(zip(raw.output_names(), create_session(model, raw.proto, "cpu").run(raw.output_names(), x)))
+    by_tap = {raw.outputs[k].tap: v for k, v in raws.items()}
+    k = min(3, n)
+    for name, ref in inst.outputs.items():
+        a = by_tap[ref.tap]
+        expected = {"pos_top": np.sort(a, axis=0)[-k:], "pos_bottom": np.sort(a, axis=0)[:k],
+                    "img_max": a.max(axis=(2, 3)), "img_min": a.min(axis=(2, 3))}[ref.stat]
+        value = np.sort(got[name], axis=0) if ref.stat.startswith("pos_") else got[name]
+        np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=f"{ref.tap} {ref.stat}")

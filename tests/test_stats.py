@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from onnx_linf.instrument import TapOutput
-from onnx_linf.stats import ChannelStats, Moments, StatsCollector
+from onnx_linf.stats import ChannelStats, Moments, StatsCollector, TopK
 
 values = arrays(np.float64, st.tuples(st.integers(1, 40), st.integers(1, 6)),
                 elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False))
@@ -70,3 +70,19 @@ def test_channel_stats_merge_of_shards():
     merged = s1.merge(s2)
     np.testing.assert_allclose(merged.moments["linf"].mean, np.concatenate([a, b]).mean(axis=0))
     np.testing.assert_array_equal(merged.pos_max, np.maximum(pa, pb))
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 30), st.integers(1, 4)),
+              elements=st.floats(-100, 100, allow_nan=False)),
+       st.integers(1, 6), st.lists(st.integers(1, 29), max_size=4), st.booleans())
+def test_streaming_topk_is_exact_order_statistic(data, k, cuts, largest):
+    cuts = sorted({c for c in cuts if c < len(data)})
+    acc = TopK(k, largest)
+    for part in np.split(data, cuts):
+        acc.update(part)
+    ordered = np.sort(data, axis=0)
+    kk = min(k, len(data))
+    expected = ordered[-kk] if largest else ordered[kk - 1]
+    np.testing.assert_array_equal(acc.kth(), expected)
+    assert acc.count == len(data)

@@ -1,0 +1,209 @@
+"""Efficacy benchmark: clean accuracy (ACC) and attack success rate (ASR) after each defence.
+
+Not a test: the project's instrument for every efficacy claim in the README. For each model it
+prints markdown tables of ACC/ASR for
+
+* pruning: score (ℓ∞, ℓ1, ℓ2) x ranking (differential with the true trigger, clean-only) x layers x
+  ratio, using the real surgery (`rewrite.zero_channels`);
+* clamping (when `onnx_linf.clamp` is available): granularity x quantile x layers;
+* trigger-free rows added by other modules (see ``EXTRA_ROWS``).
+
+Usage::
+
+    python benchmarks/efficacy.py                       # digits fixtures
+    python benchmarks/efficacy.py --cifar benchmarks/.cache/cifar   # + CIFAR-10 models, if trained
+    python benchmarks/efficacy.py --out benchmarks/out/efficacy.md
+
+CIFAR-10 models come from ``benchmarks/cifar_models.py`` (trained from ../shared/data, never
+committed); without them only the fixtures are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnx_linf.data import ArraySource, ImageFolder, Preprocess, Trigger
+from onnx_linf.evaluate import evaluate
+from onnx_linf.flag import by_ratio, clean_scores, differential_scores
+from onnx_linf.load import Model, load_model
+from onnx_linf.pipeline import Probe
+from onnx_linf.rewrite import zero_channels
+from onnx_linf.taps import find_taps
+
+ROOT = Path(__file__).resolve().parent.parent
+RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5)
+SCORES = ("linf", "l1", "l2")
+
+
+@dataclass
+class Case:
+    """One model to defend, with its data and (for measuring only) its real trigger."""
+
+    name: str
+    model: Model
+    preprocess: Preprocess
+    calib: object
+    test: ArraySource
+    trigger: Trigger | None
+    target: int | None
+
+
+@dataclass
+class Row:
+    """One line of a results table."""
+
+    defence: str
+    setting: str
+    acc: float
+    asr: float | None
+    detail: str = ""
+
+
+def digits_cases() -> Iterator[Case]:
+    fx = ROOT / "fixtures"
+    for kind in ("badnets", "blended", "clean"):
+        model = load_model(fx / f"digits_{kind}.onnx")
+        pp = Preprocess.from_model(model)
+        trig_kind = kind if kind != "clean" else "badnets"
+        trigger = Trigger.from_files(fx / f"digits_{trig_kind}_trigger.png", fx / f"digits_{trig_kind}_mask.png", pp)
+        yield Case(f"digits_{kind}" + (" (BadNets trigger)" if kind == "clean" else ""), model, pp,
+                   ImageFolder(fx / "digits_calib", pp.size, pp.channels),
+                   ArraySource(fx / "digits_test.npz", pp.size, pp.channels), trigger, 0)
+
+
+def cifar_cases(folder: Path, calib_images: int) -> Iterator[Case]:
+    split = folder / "split.npz"
+    if not split.exists():
+        print(f"# no CIFAR-10 models in {folder} (run benchmarks/cifar_models.py); skipping", file=sys.stderr)
+        return
+    tmp = folder / "_bench"
+    tmp.mkdir(exist_ok=True)
+    with np.load(split) as data:
+        np.savez(tmp / "calib.npz", x=data["calib_x"][:calib_images], y=data["calib_y"][:calib_images])
+        np.savez(tmp / "test.npz", x=data["test_x"], y=data["test_y"])
+    for meta_path in sorted(folder.glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        onnx_path = folder / meta_path.name.replace(".json", ".onnx")
+        if not onnx_path.exists():
+            continue
+        model = load_model(onnx_path)
+        p = meta.get("preprocess", {})
+        pp = Preprocess.from_model(model, mean=p.get("mean"), std=p.get("std"), scale=p.get("scale"))
+        attack = meta.get("attack") or {}
+        trig_name = attack.get("trigger") or "badnets_trigger.png"
+        mask_name = attack.get("mask") or "badnets_mask.png"
+        trigger = None
+        if (folder / trig_name).exists():
+            trigger = Trigger.from_files(folder / trig_name, folder / mask_name, pp)
+        yield Case(meta_path.stem, model, pp, ArraySource(tmp / "calib.npz", pp.size, pp.channels),
+                   ArraySource(tmp / "test.npz", pp.size, pp.channels), trigger, attack.get("target", 0))
+
+
+def measure(case: Case, proto=None) -> tuple[float, float | None]:
+    ev = evaluate(case.model, case.test, case.preprocess, trigger=case.trigger, target=case.target, proto=proto,
+                  provider="cpu", batch_size=128)
+    return ev.accuracy, ev.asr
+
+
+def pruning_rows(case: Case, layers: str) -> list[Row]:
+    taps = find_taps(case.model, layers)
+    probe = Probe(case.model, taps, SCORES, "cpu")
+    clean = probe.measure(case.calib, case.preprocess, 64)
+    triggered = probe.measure(case.calib, case.preprocess, 64, case.trigger) if case.trigger else None
+    rows = []
+    for score in SCORES:
+        rankings: dict[str, dict] = {"clean-only": clean_scores(clean, score)}
+        if triggered is not None:
+            rankings["differential"] = differential_scores(clean, triggered, score)
+        for ranking, scores in rankings.items():
+            for ratio in RATIOS:
+                flagged = by_ratio(scores, ratio, score=f"{ranking} {score}", evidence=ranking != "clean-only")
+                proto, _ = zero_channels(case.model, taps, flagged.channels())
+                acc, asr = measure(case, proto)
+                rows.append(Row("prune", f"{ranking} {score}, layers={layers}, r={ratio}", acc, asr,
+                                f"{flagged.total} channels"))
+    return rows
+
+
+#: Extra row producers (clamp, synthesis, dormant, clp) register here: fn(case) -> list[Row].
+EXTRA_ROWS: list[Callable[[Case], list[Row]]] = []
+
+
+def _register_optional() -> None:
+    try:
+        from onnx_linf import clamp as clamp_mod  # noqa: F401
+    except ImportError:
+        return
+    EXTRA_ROWS.append(clamp_rows)
+
+
+def clamp_rows(case: Case) -> list[Row]:
+    from onnx_linf.clamp import ClampConfig, clamp
+
+    rows = []
+    for layers in ("all", "last"):
+        for granularity in ("position", "channel"):
+            for quantile in (100.0, 99.0):
+                cfg = ClampConfig(layers=layers, granularity=granularity, quantile=quantile, provider="cpu")
+                result = clamp(case.model, case.calib, cfg, preprocess=case.preprocess)
+                acc, asr = measure(case, result.proto)
+                rows.append(Row("clamp", f"{granularity}, q={quantile:g}, layers={layers}", acc, asr,
+                                f"{len(result.records)} maps"))
+    return rows
+
+
+def table(case: Case, rows: list[Row], base: tuple[float, float | None]) -> str:
+    lines = [f"### {case.name}", "",
+             f"original: ACC {100 * base[0]:.1f}%" + ("" if base[1] is None else f", ASR {100 * base[1]:.1f}%"), "",
+             "| defence | setting | ACC % | ASR % | detail |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        asr = "—" if r.asr is None else f"{100 * r.asr:.1f}"
+        lines.append(f"| {r.defence} | {r.setting} | {100 * r.acc:.1f} | {asr} | {r.detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", type=Path, default=None, help="folder of CIFAR-10 models from cifar_models.py")
+    parser.add_argument("--calib-images", type=int, default=500, help="CIFAR calibration images to use")
+    parser.add_argument("--only", default=None, help="comma-separated case names to run")
+    parser.add_argument("--no-prune", action="store_true", help="skip the pruning grid")
+    parser.add_argument("--layers", default="last,all", help="layer selections for the pruning grid")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    args = parser.parse_args(argv)
+    _register_optional()
+    cases = list(digits_cases())
+    if args.cifar is not None:
+        cases += list(cifar_cases(args.cifar, args.calib_images))
+    if args.only:
+        keep = set(args.only.split(","))
+        cases = [c for c in cases if c.name.split(" ")[0] in keep]
+    chunks = []
+    for case in cases:
+        t0 = time.perf_counter()
+        base = measure(case)
+        rows: list[Row] = []
+        if not args.no_prune:
+            for layers in args.layers.split(","):
+                rows += pruning_rows(case, layers)
+        for extra in EXTRA_ROWS:
+            rows += extra(case)
+        chunk = table(case, rows, base) + f"\n({time.perf_counter() - t0:.0f} s)\n"
+        print(chunk, flush=True)
+        chunks.append(chunk)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(chunks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``onnx-linf evaluate``: clean accuracy and attack success rate on labelled data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from onnx_linf.data import Trigger
+from onnx_linf.errors import UsageError
+from onnx_linf.evaluate import Evaluation, evaluate, open_labelled
+from onnx_linf.load import load_model
+
+from . import options as o
+from .console import BarProgress, console, user_errors, write_json
+from .exit_codes import ExitCode
+
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Labelled data: .npz with x (uint8 NHWC pixels, or "
+                                       "float NCHW already preprocessed) and y, or a folder with one subfolder "
+                                       "per class (sorted names = class indices).")]
+Target = Annotated[Optional[int], typer.Option("--target", help="Attack target class (with --trigger).")]
+
+
+def evaluation_table(rows: list[tuple[str, Evaluation]]) -> Table:
+    """ACC / ASR side by side for one or more models."""
+    table = Table(title="evaluation", title_justify="left")
+    table.add_column("model")
+    table.add_column("images", justify="right")
+    table.add_column("clean ACC", justify="right")
+    table.add_column("ASR", justify="right")
+    for name, ev in rows:
+        asr = "—" if ev.asr is None else f"{100 * ev.asr:.1f}% (of {ev.asr_images})"
+        table.add_row(name, str(ev.images), f"{100 * ev.accuracy:.2f}%", asr)
+    return table
+
+
+def evaluate_command(
+    model: o.ModelArg,
+    data: DataOpt,
+    trigger: o.Trigger = None,
+    mask: o.Mask = None,
+    target: Target = None,
+    batch_size: o.BatchSize = 64,
+    provider: o.Provider = "auto",
+    limit: o.Limit = None,
+    size: o.Size = None,
+    layout: o.Layout = None,
+    channels: o.Channels = None,
+    scale: o.Scale = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Measure clean accuracy and, with --trigger/--mask/--target, the attack success rate (ASR).
+
+    ASR = fraction of images whose true label is not the target that are classified as the target
+    after the trigger is stamped.
+    """
+    with user_errors():
+        if trigger is None and mask is not None:
+            raise UsageError("--mask needs --trigger")
+        if (trigger is None) != (target is None):
+            raise UsageError("--trigger and --target go together")
+        m = load_model(model)
+        preprocess = o.preprocess_options(size, layout, channels, scale, mean, std).resolve(m)
+        trig = Trigger.from_files(trigger, mask, preprocess) if trigger is not None else None
+        source = open_labelled(data, preprocess, limit)
+        result = evaluate(m, source, preprocess, trigger=trig, target=target, batch_size=batch_size,
+                          provider=provider, progress=BarProgress(quiet))
+        write_json(json_out, json.dumps({"schema_version": 1, "tool": "onnx-linf", "model": str(model),
+                                         "sha256": m.sha256, "data": str(data), "preprocess": preprocess.to_dict(),
+                                         "evaluation": result.to_dict()}, indent=2))
+    if not quiet:
+        console.print(evaluation_table([(str(model), result)]))
+    raise typer.Exit(ExitCode.OK)

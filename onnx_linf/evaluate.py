@@ -1,0 +1,133 @@
+"""Clean accuracy and attack success rate of a model on labelled data.
+
+ASR is measured the usual way: among test images whose true label is *not* the target, the
+fraction classified as the target after the trigger is stamped (pixel space, before
+normalisation). Images of the target class are left out because they say nothing about the attack.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .calibrate import Progress, create_session, model_tensor
+from .data import DataSource, Preprocess, Trigger, open_source
+from .errors import CalibrationDataError, UsageError
+from .load import Model
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Clean accuracy and (with a trigger) attack success rate."""
+
+    images: int
+    """Labelled images evaluated."""
+    accuracy: float
+    """Top-1 accuracy on clean images."""
+    asr: float | None
+    """Attack success rate, or None without a trigger."""
+    asr_images: int
+    """Images counted for the ASR (true label != target)."""
+    target: int | None
+    """Attack target class."""
+    trigger: str | None
+    """Trigger description."""
+    provider: str
+    """ONNX Runtime provider that ran."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def open_labelled(path: str | os.PathLike, preprocess: Preprocess, limit: int | None = None) -> DataSource:
+    """Open labelled data: ``.npz`` with ``x`` and ``y``, or an ImageFolder-style directory.
+
+    Raises:
+        CalibrationDataError: the data carries no labels.
+    """
+    source = open_source(path, preprocess, labelled=True, limit=limit)
+    if not source.has_labels:
+        raise CalibrationDataError(f"{path} has no labels: give an .npz with 'x' and 'y', or a folder with "
+                                   "one subfolder per class")
+    return source
+
+
+def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger: Trigger | None = None,
+             target: int | None = None, proto: onnx.ModelProto | None = None, batch_size: int = 64,
+             provider: str = "auto", progress: Progress | None = None) -> Evaluation:
+    """Measure clean accuracy and, with a trigger and target, the attack success rate.
+
+    Args:
+        model: the loaded model (its input and folder).
+        data: labelled data.
+        preprocess: preprocessing of pixels.
+        trigger: pixel-space trigger to stamp for the ASR.
+        target: the attack's target class (required with a trigger).
+        proto: evaluate this in-memory model instead of ``model`` (e.g. a pruned one).
+        batch_size: images per ORT run.
+        provider: ORT provider.
+        progress: progress sink.
+
+    Raises:
+        UsageError: a trigger without a target, or a target outside the model's classes.
+        CalibrationDataError: unlabelled data, or a trigger on preprocessed arrays.
+    """
+    if not data.has_labels:
+        raise CalibrationDataError("evaluation needs labelled data")
+    if (trigger is None) != (target is None):
+        raise UsageError("--trigger and --target go together")
+    session = create_session(model, proto, provider)
+    progress = progress or Progress()
+    progress.start("evaluate", len(data))
+    correct = total = hits = counted = 0
+    try:
+        for batch in data.batches(batch_size):
+            logits = session.run(None, model_tensor(batch, preprocess))[0]
+            if target is not None and not 0 <= target < logits.shape[-1]:
+                raise UsageError(f"--target {target} is not a class of this model (0..{logits.shape[-1] - 1})")
+            labels = batch.labels
+            correct += int((logits.argmax(axis=-1) == labels).sum())
+            total += len(labels)
+            if trigger is not None:
+                keep = labels != target
+                if keep.any():
+                    stamped = session.run(None, model_tensor(batch, preprocess, trigger))[0]
+                    hits += int((stamped.argmax(axis=-1)[keep] == target).sum())
+                    counted += int(keep.sum())
+            progress.advance(len(labels))
+    finally:
+        progress.finish()
+    return Evaluation(
+        images=total,
+        accuracy=correct / total if total else float("nan"),
+        asr=(hits / counted if counted else float("nan")) if trigger is not None else None,
+        asr_images=counted,
+        target=target,
+        trigger=None if trigger is None else trigger.description,
+        provider=session.provider,
+    )
+
+
+def predictions(model: Model, data: DataSource, preprocess: Preprocess, *, proto: onnx.ModelProto | None = None,
+                trigger: Trigger | None = None, batch_size: int = 64, provider: str = "auto") -> np.ndarray:
+    """Top-1 predictions for every image of `data` (stamped with `trigger` if given)."""
+    session = create_session(model, proto, provider)
+    out = [session.run(None, model_tensor(b, preprocess, trigger))[0].argmax(axis=-1)
+           for b in data.batches(batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def before_after(model: Model, rewritten: onnx.ModelProto, data: DataSource, preprocess: Preprocess, *,
+                 trigger: Trigger | None = None, target: int | None = None, batch_size: int = 64,
+                 provider: str = "auto") -> dict[str, Evaluation]:
+    """Evaluate the original model and a rewritten one on the same data: ``{"before": .., "after": ..}``."""
+    return {
+        "before": evaluate(model, data, preprocess, trigger=trigger, target=target, batch_size=batch_size,
+                           provider=provider),
+        "after": evaluate(model, data, preprocess, trigger=trigger, target=target, proto=rewritten,
+                          batch_size=batch_size, provider=provider),
+    }
