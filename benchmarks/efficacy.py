@@ -139,14 +139,14 @@ EXTRA_ROWS: list[Callable[[Case], list[Row]]] = []
 
 def _register_optional() -> None:
     try:
-        from onnx_linf import clamp as clamp_mod  # noqa: F401
+        from onnx_linf.rewrite import clamp_maps  # noqa: F401
     except ImportError:
         return
     EXTRA_ROWS.append(clamp_rows)
 
 
 def clamp_rows(case: Case) -> list[Row]:
-    from onnx_linf.clamp import ClampConfig, clamp
+    from onnx_linf.pipeline import ClampConfig, clamp
 
     rows = []
     for layers in ("all", "last"):

@@ -214,11 +214,19 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     source = calib if isinstance(calib, DataSource) else open_source(calib, preprocess, limit=config.limit)
     if evidence is not None:
         evidence.load_trigger(preprocess)  # fail on a bad trigger before the long clean pass
-    probe = Probe(model, taps, config.stats, config.provider)
+    suspects = evidence is not None and evidence.suspect is not None
+    # With suspect images, also measure the clean per-position range: how far suspects leave it is
+    # the clamp's view of the same evidence (a test-time signal that needs no trigger).
+    probe = Probe(model, taps, tuple(config.stats) + (POSITION_STATS if suspects else ()), config.provider)
     clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
     ev_stats = None
+    extra: dict = {}
     if evidence is not None:
         ev_stats = measure_evidence(probe, evidence, source, preprocess, config.batch_size, config.limit, progress)
+    if suspects:
+        suspect_source = open_source(evidence.suspect, preprocess, limit=config.limit)
+        extra["bounds_exceedance"] = bounds_exceedance(model, taps, clean, suspect_source, preprocess,
+                                                       config.batch_size, config.provider)
     flagged = score_and_flag(config, clean, ev_stats)
     if evidence is None:
         verdict, reason = "not-assessed", (
@@ -241,7 +249,47 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         verdict=verdict,
         verdict_reason=reason,
         evidence=None if evidence is None else evidence.describe(),
+        extra=extra,
     )
+
+
+def bounds_exceedance(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelStats], source: DataSource,
+                      preprocess: Preprocess, batch_size: int, provider: str = "auto") -> dict[str, dict]:
+    """How often and how far images of `source` leave the clean per-position range of each map.
+
+    Args:
+        clean: clean statistics with ``pos_max`` (and ``pos_min``) measured.
+
+    Returns:
+        Per tap: images, fraction of images with any element outside the range, mean fraction of
+        elements outside, and the mean / max excess relative to the map's largest clean value.
+    """
+    from .instrument import instrument_excess
+
+    bounds = {t.name: (clean[t.name].pos_max, None if t.non_negative else clean[t.name].pos_min) for t in taps}
+    inst = instrument_excess(model, bounds)
+    session = create_session(model, inst.proto, provider)
+    names = inst.output_names()
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in run_batches(session, source, preprocess, names, batch_size):
+        for n in names:
+            collected[n].append(values[n])
+    out: dict[str, dict] = {}
+    for n in names:
+        ref = inst.outputs[n]
+        out.setdefault(ref.tap, {})[ref.stat] = np.concatenate(collected[n])
+    summary = {}
+    for tap in taps:
+        frac, excess = out[tap.name]["excess_frac"], out[tap.name]["excess_max"]
+        scale = float(np.max(np.abs(clean[tap.name].pos_max))) or 1.0
+        summary[tap.name] = {
+            "images": int(len(frac)),
+            "images_outside": float((frac > 0).mean()),
+            "mean_fraction_outside": float(frac.mean()),
+            "mean_relative_excess": float(excess.mean() / scale),
+            "max_relative_excess": float(excess.max() / scale),
+        }
+    return summary
 
 
 # --------------------------------------------------------------------------------------------

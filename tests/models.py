@@ -163,3 +163,102 @@ def dynamic_spatial() -> onnx.ModelProto:
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def affine_chain(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv1 -> bn1 -> Add(b[1,6,1,1]) -> Relu -> conv2(no bias) -> Mul(s[5,1,1]) -> Sub(0.25)
+    -> Clip(-1, 1) -> GAP -> Flatten -> Gemm
+
+    Guards: a per-channel Add after a BN and a scalar Sub after a Conv must be zeroed by a fold too
+    (BN(0) != 0 and 0 - 0.25 != 0); Clip(-1, 1) and Mul by finite constants keep 0 at 0.
+    """
+    g = GraphBuilder(8)
+    x = g.bn(g.conv("input", 3, 6, "conv1"), 6, "bn1")
+    x = g.node("Add", [x, g.const("add1.b", g.rng.normal(0, 0.3, (1, 6, 1, 1)))], "add1")
+    x = g.node("Relu", [x], "relu1")
+    x = g.conv(x, 6, 5, "conv2", bias=False)
+    x = g.node("Mul", [x, g.const("mul2.s", g.rng.uniform(0.5, 2.0, (5, 1, 1)))], "mul2")
+    x = g.node("Sub", [x, g.const("sub2.c", np.array(0.25))], "sub2")
+    x = g.node("Clip", [x, g.const("minus_one", np.array(-1.0)), g.const("one", np.array(1.0))], "clip2")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 5, 3, "fc")
+    return g.model(["N", 3, 8, 8], out, ["N", 3], opset=opset)
+
+
+def non_zero_preserving(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv1 -> Clip(0.5, 6) -> conv2 -> Sigmoid -> GAP -> Flatten -> Gemm
+
+    Guards: chains ending in ops with f(0) != 0 (Clip with min > 0, Sigmoid) cannot be folded.
+    """
+    g = GraphBuilder(9)
+    x = g.node("Clip", [g.conv("input", 3, 4, "conv1"), g.const("half", np.array(0.5)),
+                        g.const("six", np.array(6.0))], "clip1")
+    x = g.node("Sigmoid", [g.conv(x, 4, 4, "conv2")], "sig2")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 3, "fc")
+    return g.model(["N", 3, 6, 6], out, ["N", 3], opset=opset)
+
+
+def shared_weights(opset: int = 17) -> onnx.ModelProto:
+    """input[N,4,6,6] -> conv_a(W) -> Relu -> conv_b(same W) -> Relu -> GAP -> Flatten -> Gemm
+
+    Guards: zeroing conv_a's map must not change conv_b, which reads the same weight initializer.
+    """
+    g = GraphBuilder(10)
+    w = g.const("shared.w", g.rng.normal(0, 0.4, (4, 4, 3, 3)))
+    x = g.node("Conv", ["input", w, g.const("a.b", g.rng.normal(0, 0.1, 4))], "conv_a",
+               pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    x = g.node("Relu", [x], "relu_a")
+    x = g.node("Conv", [x, w, g.const("b.b", g.rng.normal(0, 0.1, 4))], "conv_b",
+               pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    x = g.node("Relu", [x], "relu_b")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 3, "fc")
+    return g.model(["N", 4, 6, 6], out, ["N", 3], opset=opset)
+
+
+def tap_output(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv1 -> Relu -> conv2 -> Relu (also graph output 'relu2_out') -> GAP -> Flatten -> Gemm
+
+    Guards: a tap that is itself a graph output keeps its output name after surgery and shows the
+    zeroed channels there too.
+    """
+    g = GraphBuilder(11)
+    x = g.node("Relu", [g.conv("input", 3, 4, "conv1")], "relu1")
+    x = g.node("Relu", [g.conv(x, 4, 5, "conv2")], "relu2")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 5, 3, "fc")
+    model = g.model(["N", 3, 6, 6], out, ["N", 3], opset=opset)
+    model.graph.output.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 5, 6, 6]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def subgraph_reader(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv1 -> Sigmoid -> If(then: Relu(sig1_out), else: Neg(sig1_out)) + (conv2 -> Relu) -> Add
+    -> GAP -> Flatten -> Gemm
+
+    Guards: the If branches read the tap 'sig1_out' from the outer scope, by name only (it is not
+    an input of the If node): surgery on the tap must reach those readers too.
+    """
+    g = GraphBuilder(12)
+    x = g.node("Sigmoid", [g.conv("input", 3, 4, "conv1")], "sig1")
+    cond = g.node("Greater", [g.node("ReduceMax", ["input"], "rmax", keepdims=0), g.const("zero", np.array(0.0))],
+                  "positive")
+    branch = [("then", "Relu"), ("else", "Neg")]
+    bodies = {
+        f"{k}_branch": helper.make_graph([helper.make_node(op, [x], [f"{k}_out"], name=f"{k}_{op.lower()}")], k, [],
+                                         [helper.make_tensor_value_info(f"{k}_out", TensorProto.FLOAT, None)])
+        for k, op in branch
+    }
+    g.nodes.append(helper.make_node("If", [cond], ["if_out"], name="if", **bodies))
+    y = g.node("Relu", [g.conv(x, 4, 4, "conv2")], "relu2")
+    s = g.node("Add", ["if_out", y], "add")
+    p = g.node("GlobalAveragePool", [s], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 3, "fc")
+    return g.model(["N", 3, 6, 6], out, ["N", 3], opset=opset)

@@ -1,0 +1,166 @@
+"""prune and evaluate: evidence rules, verification, files, exit codes, and the effect on the fixture."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import onnx_linf.rewrite
+from onnx_linf.cli.app import app
+from onnx_linf.cli.exit_codes import ExitCode
+from onnx_linf.errors import UsageError, VerificationError
+from onnx_linf.pipeline import Evidence, PruneConfig, ScanConfig, prune
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def fx(fixtures_dir):
+    class F:
+        model = fixtures_dir / "digits_badnets.onnx"
+        calib = fixtures_dir / "digits_calib"
+        trigger = fixtures_dir / "digits_badnets_trigger.png"
+        mask = fixtures_dir / "digits_badnets_mask.png"
+        test = fixtures_dir / "digits_test.npz"
+    return F
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_prune_with_trigger_writes_verified_model_and_keeps_input(fx, tmp_path):
+    before = sha(fx.model)
+    out = tmp_path / "clean.onnx"
+    result = invoke("prune", fx.model, "--calib", fx.calib, "--ratio", "0.1", "--trigger", fx.trigger,
+                    "--mask", fx.mask, "-o", out, "--json", tmp_path / "r.json", "--limit", "100", "-q")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert sha(fx.model) == before  # the input model's bytes are untouched
+    assert out.exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["policy"]["score"] == "differential linf"
+    surgery = report["extra"]["surgery"]
+    assert surgery and sum(len(s["channels"]) for s in surgery) == 3  # 10% of 32 channels of relu3
+    assert report["extra"]["verification"]["ok"] is True
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers
+
+
+def test_prune_without_evidence_refuses_and_names_the_options(fx, tmp_path):
+    result = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == ExitCode.INPUT_ERROR
+    for option in ("--trigger", "--suspect", "--from-report", "--evidence none"):
+        assert option in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_prune_evidence_none_is_explicit_clean_ranking(fx, tmp_path):
+    result = invoke("prune", fx.model, "--calib", fx.calib, "--evidence", "none", "-o", tmp_path / "o.onnx",
+                    "--json", "-", "--limit", "50", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["policy"]["score"] == "clean linf"
+
+
+def test_never_overwrites_input_even_with_force(fx, tmp_path):
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(fx.model.read_bytes())
+    before = sha(copy)
+    result = invoke("prune", copy, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", fx.mask, "-o", copy,
+                    "--force")
+    assert result.exit_code == ExitCode.INPUT_ERROR and "refusing to overwrite the input model" in result.stderr
+    assert sha(copy) == before
+
+
+def test_existing_output_needs_force(fx, tmp_path):
+    out = tmp_path / "exists.onnx"
+    out.write_text("keep me")
+    result = invoke("prune", fx.model, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", fx.mask, "-o", out)
+    assert result.exit_code == ExitCode.INPUT_ERROR and "--force" in result.stderr
+    assert out.read_text() == "keep me"
+
+
+def test_failed_verification_writes_nothing_and_exits_1(fx, tmp_path, monkeypatch):
+    real = onnx_linf.rewrite.zero_channels
+
+    def wrong(model, taps, channels, **kw):
+        # Zero one channel too many: the result no longer equals the masked reference.
+        extra = {t: sorted(set(c) | {(max(c) + 1) % 32}) for t, c in channels.items()}
+        return real(model, taps, extra, **kw)
+
+    monkeypatch.setattr(onnx_linf.rewrite, "zero_channels", wrong)
+    out = tmp_path / "bad.onnx"
+    result = invoke("prune", fx.model, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", fx.mask, "-o", out,
+                    "--limit", "64")
+    assert result.exit_code == ExitCode.SUSPECTED  # 1: verification failure
+    assert "max |diff|" in result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_from_report_round_trip(fx, tmp_path):
+    report = tmp_path / "scan.json"
+    r = invoke("scan", fx.model, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", fx.mask, "--layers", "last",
+               "--ratio", "0.2", "--json", report, "--limit", "64", "-q")
+    assert r.exit_code == 0, r.stderr
+    flagged = json.loads(report.read_text())["taps"][0]["flagged"]
+    r = invoke("prune", fx.model, "--calib", fx.calib, "--from-report", report, "-o", tmp_path / "p.onnx",
+               "--json", "-", "--limit", "64", "-q")
+    assert r.exit_code == 0, r.stderr
+    surgery = json.loads(r.stdout)["extra"]["surgery"]
+    assert sorted(c for s in surgery for c in s["channels"]) == sorted(flagged)
+
+
+def test_from_report_of_another_model_is_rejected(fx, tmp_path, fixtures_dir):
+    report = tmp_path / "scan.json"
+    invoke("scan", fixtures_dir / "digits_clean.onnx", "--calib", fx.calib, "--json", report, "--limit", "32", "-q")
+    r = invoke("prune", fx.model, "--calib", fx.calib, "--from-report", report, "-o", tmp_path / "p.onnx")
+    assert r.exit_code == ExitCode.INPUT_ERROR and "made for another model" in r.stderr
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "-0.2", "2"])
+def test_ratio_outside_open_interval(fx, tmp_path, ratio):
+    r = invoke("prune", fx.model, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", fx.mask,
+               "-o", tmp_path / "o.onnx", "--ratio", ratio)
+    assert r.exit_code == ExitCode.INPUT_ERROR and "--ratio must be in (0, 1)" in r.stderr
+
+
+def test_trigger_and_mask_sizes_are_checked(fx, tmp_path):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small_mask.png")
+    r = invoke("prune", fx.model, "--calib", fx.calib, "--trigger", tmp_path / "big.png", "--mask", fx.mask,
+               "-o", tmp_path / "o.onnx")
+    assert r.exit_code == ExitCode.INPUT_ERROR and "is 32x32 but the model input is 16x16" in r.stderr
+    r = invoke("prune", fx.model, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", tmp_path / "small_mask.png",
+               "-o", tmp_path / "o.onnx")
+    assert r.exit_code == ExitCode.INPUT_ERROR and "mask small_mask.png is 8x8 but the trigger is 16x16" in r.stderr
+
+
+def test_evaluate_reports_acc_and_asr(fx):
+    r = invoke("evaluate", fx.model, "--data", fx.test, "--trigger", fx.trigger, "--mask", fx.mask, "--target", "0",
+               "--json", "-", "-q")
+    assert r.exit_code == 0, r.stderr
+    ev = json.loads(r.stdout)["evaluation"]
+    assert ev["images"] == 400 and ev["asr_images"] == int((np.load(fx.test)["y"] != 0).sum())
+    assert ev["accuracy"] > 0.95 and ev["asr"] > 0.95
+
+
+def test_evaluate_needs_labels(fx, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 16, 16, 1), np.uint8))
+    r = invoke("evaluate", fx.model, "--data", tmp_path / "x.npy")
+    assert r.exit_code == ExitCode.INPUT_ERROR and "has no labels" in r.stderr
+
+
+def test_library_prune_requires_evidence(fx):
+    with pytest.raises(UsageError, match="pruning needs trigger evidence"):
+        prune(fx.model, fx.calib)
+    cfg = PruneConfig(scan=ScanConfig(layers="last", ratio=0.1, limit=32))
+    result = prune(fx.model, fx.calib, cfg, evidence=Evidence(trigger=fx.trigger, mask=fx.mask))
+    assert result.report.extra["verification"]["ok"]
+    assert VerificationError.exit_code == 1
