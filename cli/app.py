@@ -15,6 +15,7 @@ from .evaluate import evaluate_command
 from .inspect import inspect_command
 from .prune import prune_command
 from .scan import scan_command
+from .sweep import sweep_command
 
 app = typer.Typer(
     name="onnx-linf",
@@ -48,6 +49,7 @@ app.command("inspect", epilog=EPILOG)(inspect_command)
 app.command("prune", epilog=EPILOG)(prune_command)
 app.command("clamp", epilog=EPILOG)(clamp_command)
 app.command("evaluate", epilog=EPILOG)(evaluate_command)
+app.command("sweep", epilog=EPILOG)(sweep_command)
 
 
 def main() -> None:

@@ -112,7 +112,10 @@ def create_session(model: Model, proto: onnx.ModelProto | None = None, provider:
         # a >2 GB model is not materialised a second time in our process.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(model.base_dir.resolve()))
-    payload = (proto or model.proto).SerializeToString()
+    try:
+        payload = (proto or model.proto).SerializeToString()
+    except ValueError as exc:  # protobuf refuses messages over 2 GB
+        raise RuntimeSessionError(f"model too large to hand to ONNX Runtime in memory: {exc}") from None
     if provider == "auto" and wanted:
         # A CUDA build of ORT without a usable GPU logs errors through the *default* logger when
         # the CUDA provider fails to load; `auto` is meant to fall back quietly, and the session

@@ -11,13 +11,14 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .calibrate import Progress, Session, create_session, model_tensor, run_batches
 from .data import DataSource, Preprocess, Trigger, open_source
-from .errors import UsageError
+from .errors import CalibrationDataError, UsageError
 from .files import check_output_path, save_model
 from .flag import SCORE_STATS, Flagged, by_outliers, by_ratio, clean_scores, differential_scores, from_channels
 from .instrument import BATCH_STATS, CHANNEL_STATS, POSITION_STATS, TOPK_STATS, instrument
@@ -583,3 +584,138 @@ def _agreement(model: Model, proto: onnx.ModelProto, inputs: list[np.ndarray], p
         same += int((pa.argmax(-1) == pb.argmax(-1)).sum())
         total += len(x)
     return same / total if total else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# sweep and automatic ratio
+# --------------------------------------------------------------------------------------------
+
+RATIO_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """Effect of pruning one ratio."""
+
+    ratio: float
+    """Fraction of channels zeroed per map."""
+    channels: int
+    """Channels zeroed in all."""
+    accuracy: float
+    """Clean accuracy on the labelled data."""
+    asr: float
+    """Success rate of the evidence trigger on the labelled data."""
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """ACC / ASR over pruning ratios, and the ratio an accuracy budget allows."""
+
+    rows: tuple[SweepRow, ...]
+    """One row per ratio, ascending."""
+    base_accuracy: float
+    """Accuracy of the unpruned model."""
+    base_asr: float
+    """Trigger success rate on the unpruned model."""
+    target: int
+    """Attack target class the ASR counts."""
+    score: str
+    """What channels were ranked by."""
+    max_acc_drop: float | None = None
+    """Accuracy budget, when a ratio was chosen."""
+    chosen: SweepRow | None = None
+    """Lowest-ASR ratio within the budget (smallest ratio on ties), if any fits."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def infer_target(model: Model, labelled: DataSource, preprocess: Preprocess, trigger: Trigger,
+                 provider: str = "auto", batch_size: int = 64) -> int:
+    """The class a trigger sends images to: the most frequent prediction on stamped images."""
+    from .evaluate import predictions
+
+    preds = predictions(model, labelled, preprocess, trigger=trigger, provider=provider, batch_size=batch_size)
+    return int(np.bincount(preds).argmax())
+
+
+def choose_ratio(rows: Sequence[SweepRow], base_accuracy: float, max_acc_drop: float) -> SweepRow | None:
+    """Lowest ASR among ratios whose accuracy stays within `max_acc_drop` of the original."""
+    if not 0.0 <= max_acc_drop <= 1.0:
+        raise UsageError(f"--max-acc-drop is a fraction of accuracy in [0, 1], got {max_acc_drop}")
+    fitting = [r for r in rows if r.accuracy >= base_accuracy - max_acc_drop - 1e-12]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda r: (r.asr, r.ratio))
+
+
+def sweep(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelStats], evidence: dict[str, ChannelStats],
+          labelled: DataSource, preprocess: Preprocess, trigger: Trigger, *, target: int | None = None,
+          score: str = "linf", ratios: Sequence[float] = RATIO_GRID, max_acc_drop: float | None = None,
+          provider: str = "auto", batch_size: int = 64) -> SweepResult:
+    """Prune at each ratio (differential ranking) and measure clean ACC and the trigger's ASR.
+
+    Args:
+        clean: clean statistics of `taps`.
+        evidence: statistics of the same taps on trigger-stamped (or synthesized-trigger) images.
+        labelled: labelled data to measure on (calibration data with labels, or a held-out set).
+        trigger: the trigger whose success is measured (given or synthesized).
+        target: its target class; inferred from the stamped predictions when None.
+        max_acc_drop: when given, also choose the best ratio within this accuracy budget.
+    """
+    from .evaluate import evaluate
+    from .rewrite import zero_channels
+
+    if not labelled.has_labels:
+        raise CalibrationDataError("the sweep needs labelled data (--labels, or calibration data with labels)")
+    editable = _load_with_weights(model)
+    if target is None:
+        target = infer_target(model, labelled, preprocess, trigger, provider, batch_size)
+    base = evaluate(model, labelled, preprocess, trigger=trigger, target=target, provider=provider,
+                    batch_size=batch_size)
+    scores = differential_scores(clean, evidence, score)
+    rows = []
+    for ratio in sorted(ratios):
+        flagged = by_ratio(scores, ratio, score=f"differential {score}", evidence=True)
+        proto, _ = zero_channels(editable, taps, flagged.channels())
+        ev = evaluate(model, labelled, preprocess, trigger=trigger, target=target, proto=proto, provider=provider,
+                      batch_size=batch_size)
+        rows.append(SweepRow(ratio, flagged.total, ev.accuracy, float(ev.asr)))
+    chosen = choose_ratio(rows, base.accuracy, max_acc_drop) if max_acc_drop is not None else None
+    return SweepResult(tuple(rows), base.accuracy, float(base.asr), target, f"differential {score}",
+                       max_acc_drop, chosen)
+
+
+def sweep_model(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
+                config: ScanConfig | None = None, *, evidence: Evidence, labels: str | os.PathLike | None = None,
+                target: int | None = None, ratios: Sequence[float] = RATIO_GRID,
+                max_acc_drop: float | None = None, progress: Progress | None = None) -> SweepResult:
+    """Measure clean and evidence statistics, then `sweep` the pruning ratio.
+
+    Args:
+        labels: labelled data for ACC/ASR; None uses the calibration data, which then needs labels
+            (an ``.npz`` with ``y`` or a folder with one subfolder per class).
+        evidence: a trigger (given or synthesized); suspect images carry no trigger to measure.
+    """
+    config = config or ScanConfig(layers="last")
+    config.validate()
+    if evidence.trigger is None:
+        raise UsageError("the sweep measures a trigger's success: give --trigger/--mask (or --synthesize)")
+    model = model_path if isinstance(model_path, Model) else load_model(model_path)
+    preprocess = config.preprocess.resolve(model)
+    trigger = evidence.load_trigger(preprocess)
+    if isinstance(calib, DataSource):
+        source = calib
+    else:
+        source = open_source(calib, preprocess, labelled=labels is None and Path(calib).is_dir(), limit=config.limit)
+    labelled = source if labels is None else open_source(labels, preprocess, labelled=True, limit=config.limit)
+    if not labelled.has_labels:
+        raise CalibrationDataError("the sweep needs labelled data: pass --labels (an .npz with x and y, or a "
+                                   "folder with one subfolder per class)")
+    taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
+    probe = Probe(model, taps, (config.score,), config.provider)
+    clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
+    stamped = probe.measure(source, preprocess, config.batch_size, trigger, progress)
+    return sweep(model, taps, clean, stamped, labelled, preprocess, trigger, target=target, score=config.score,
+                 ratios=ratios, max_acc_drop=max_acc_drop, provider=config.provider, batch_size=config.batch_size)

@@ -403,7 +403,13 @@ def _after_reset(facts: _Facts, idx: int, data_slot: int, tap: Tap,
     op = node.op_type
     name = facts.node_name(idx)
     if op in FOLD_THROUGH:
-        return [] if data_slot == 0 else f"{op} '{name}' reads the map as a parameter"
+        if data_slot != 0:
+            return f"{op} '{name}' reads the map as a parameter"
+        if op == "PRelu":  # PRelu(0) = slope * 0: 0 only for a finite slope
+            slope = facts.const_value(node.input[1])
+            if slope is None or not np.all(np.isfinite(slope)):
+                return f"PRelu '{name}' has a non-constant or non-finite slope"
+        return []
     if op == "Clip":
         if data_slot != 0:
             return f"Clip '{name}' reads the map as a parameter"
@@ -618,7 +624,9 @@ def _export(graph: gs.Graph, source: onnx.ModelProto, renamed: Mapping[str, str]
     for node in g.node:
         key = tuple(renamed.get(o, o) for o in node.output)
         orig = originals.get(key)
-        if orig is None or orig.op_type != node.op_type:
+        # Our new nodes have fresh names, so a node that writes a tap's name (the mask Mul) is
+        # never mistaken for the tap's original producer.
+        if orig is None or orig.name != node.name or orig.op_type != node.op_type:
             continue
         restored = onnx.NodeProto()
         restored.CopyFrom(orig)
@@ -692,6 +700,8 @@ def zero_channels(model: Model, taps: Sequence[Tap], channels: Mapping[str, Sequ
         else:
             plans.append((tap, chans, plan, ""))
 
+    if model.opset and model.opset < 7 and any(plan is None for _, _, plan, _ in plans):
+        raise RewriteError(f"masks need opset >= 7 (broadcasting Mul); the model has opset {model.opset}")
     edits = [e for _, _, plan, _ in plans if plan is not None for e in plan.edits]
     cloned = _apply_edits(graph, facts, names, edits)
 
@@ -745,8 +755,15 @@ def mask_reference(model: Model, channels: Mapping[str, Sequence[int]]) -> onnx.
     except Exception:  # best effort: a failure leaves channel counts unknown (reported below)
         inferred = graph
     info = {vi.name: vi.type.tensor_type for vi in list(inferred.value_info) + list(inferred.output)}
-    taken = {n for node in graph.node for n in list(node.input) + list(node.output) + [node.name]}
-    taken |= {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    taken: set[str] = set()
+    pending = [graph]
+    while pending:  # names in subgraphs too, so a new name cannot shadow or be shadowed
+        g = pending.pop()
+        taken |= {i.name for i in g.initializer} | {i.name for i in list(g.input) + list(g.output)}
+        for node in g.node:
+            taken |= set(node.input) | set(node.output) | {node.name}
+            pending.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+            pending.extend(sub for a in node.attribute for sub in a.graphs)
 
     def new_name(base: str) -> str:
         k = 0

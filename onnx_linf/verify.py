@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def _external_locations(proto: onnx.ModelProto) -> set[str]:
             if uses_external_data(t)}
 
 
-def _check(model: Model, candidate: onnx.ModelProto) -> str:
+def _check(candidate: onnx.ModelProto) -> str:
     """Run the full ONNX checker on the candidate; return ``ok`` or the failure."""
     try:
         locations = _external_locations(candidate)
@@ -69,26 +70,30 @@ def _check(model: Model, candidate: onnx.ModelProto) -> str:
             onnx.checker.check_model(candidate, full_check=True)
             return _OK
         # The in-memory checker resolves external data against the *current directory*, and cannot
-        # take a >2 GB message at all. Check a file instead, in a scratch folder where each external
-        # data file of the original model is linked under its relative location.
+        # take a >2 GB message at all, so check a file in a scratch folder instead. The original
+        # model's external data files are represented there by empty placeholders: the checker
+        # only requires each location to be a regular file inside the model's folder (it rejects
+        # symlinks and does not read the bytes), the real files were validated by `load_model`,
+        # and ONNX Runtime reads the real weights in the load and numeric checks.
         with tempfile.TemporaryDirectory(prefix="onnx_linf_check_") as tmp:
-            folder = Path(tmp)
+            folder = Path(tmp).resolve()
             for loc in locations:
-                target = folder / loc
+                target = (folder / loc).resolve()
+                if folder not in target.parents:  # never create files outside the scratch folder
+                    return f"failed: external data location '{loc}' is outside the model's folder"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to((model.base_dir / loc).resolve())
+                target.touch()
             copy = onnx.ModelProto()
             copy.CopyFrom(candidate)  # saving as external data rewrites the proto it is given
             big = copy.ByteSize() > _PROTOBUF_LIMIT
-            # The location is relative to the model file; a fresh scratch folder cannot hold a file
-            # of that name already.
+            # A unique name: onnx refuses a location that exists (relative to the current directory).
             onnx.save_model(copy, str(folder / "candidate.onnx"), save_as_external_data=big,
-                            all_tensors_to_one_file=True, location="candidate.onnx.data")
+                            all_tensors_to_one_file=True, location=f"candidate-{uuid.uuid4().hex}.data")
             onnx.checker.check_model(str(folder / "candidate.onnx"), full_check=True)
         return _OK
     except onnx.checker.ValidationError as exc:
         return f"failed: {_first_line(exc)}"
-    except (OSError, ValueError) as exc:  # unlinkable external data, unserialisable proto...
+    except (OSError, ValueError) as exc:  # unwritable scratch folder, unserialisable proto...
         return f"failed: could not run the checker: {_first_line(exc)}"
 
 
@@ -193,7 +198,7 @@ def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.Model
     Raises:
         UsageError: unknown provider name.
     """
-    checks: dict[str, str] = {"checker": _check(model, candidate)}
+    checks: dict[str, str] = {"checker": _check(candidate)}
     sessions = []
     for name, proto in (("candidate", candidate), ("reference", reference)):
         try:

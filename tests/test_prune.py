@@ -164,3 +164,34 @@ def test_library_prune_requires_evidence(fx):
     result = prune(fx.model, fx.calib, cfg, evidence=Evidence(trigger=fx.trigger, mask=fx.mask))
     assert result.report.extra["verification"]["ok"]
     assert VerificationError.exit_code == 1
+
+
+def test_sweep_table_json_and_plot(fx, tmp_path):
+    plot = tmp_path / "sweep.png"
+    r = invoke("sweep", fx.model, "--calib", fx.test, "--trigger", fx.trigger, "--mask", fx.mask,
+               "--ratios", "0.1,0.4", "--max-acc-drop", "0.03", "--plot", plot, "--json", "-", "-q")
+    assert r.exit_code == 0, r.stderr
+    sweep = json.loads(r.stdout)["sweep"]
+    assert [row["ratio"] for row in sweep["rows"]] == [0.1, 0.4]
+    assert sweep["target"] == 0  # inferred from the stamped predictions
+    assert sweep["chosen"]["ratio"] == 0.4 and sweep["chosen"]["asr"] < sweep["rows"][0]["asr"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_choose_ratio_respects_budget():
+    from onnx_linf.pipeline import SweepRow, choose_ratio
+
+    rows = [SweepRow(0.1, 2, 0.98, 0.9), SweepRow(0.2, 4, 0.97, 0.3), SweepRow(0.3, 6, 0.90, 0.0)]
+    assert choose_ratio(rows, 0.99, 0.02).ratio == 0.2
+    assert choose_ratio(rows, 0.99, 0.10).ratio == 0.3
+    assert choose_ratio(rows, 0.99, 0.001) is None
+
+
+def test_prune_acceptance_on_badnets_fixture(fx, tmp_path):
+    """Differential ℓ∞ on the last map at r = 0.3: ASR from >= 95% to <= 10%, ACC down <= 3 points."""
+    r = invoke("prune", fx.model, "--calib", fx.calib, "--ratio", "0.3", "--trigger", fx.trigger, "--mask", fx.mask,
+               "-o", tmp_path / "p.onnx", "--eval-data", fx.test, "--target", "0", "--json", "-", "-q")
+    assert r.exit_code == 0, r.stderr
+    ev = json.loads(r.stdout)["extra"]["evaluation"]
+    assert ev["before"]["asr"] >= 0.95 and ev["after"]["asr"] <= 0.10
+    assert ev["after"]["accuracy"] >= ev["before"]["accuracy"] - 0.03
