@@ -46,6 +46,11 @@ def prune_command(
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold zeroing into weights where exact.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")]
     = False,
+    max_acc_drop: Annotated[Optional[float], typer.Option("--max-acc-drop", help="Choose the ratio automatically: "
+                                                          "lowest trigger ASR with clean accuracy down by at most "
+                                                          "this fraction (needs labels).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Labelled data for --max-acc-drop (default: "
+                                                   "the calibration data, if labelled).")] = None,
     eval_data: EvalData = None,
     target: Target = None,
     batch_size: o.BatchSize = 32,
@@ -72,15 +77,15 @@ def prune_command(
         config = PruneConfig(
             scan=ScanConfig(layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold,
                             score=score, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp),
-            evidence=evidence_mode, fold=fold,
+            evidence=evidence_mode, fold=fold, max_acc_drop=max_acc_drop, labels=labels, target=target,
         )
         evidence = None
         if trigger is not None or suspect is not None or mask is not None:
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
         if eval_data is not None and (trigger is None or target is None):
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
-        if target is not None and eval_data is None:
-            raise UsageError("--target is only used with --eval-data")
+        if target is not None and eval_data is None and max_acc_drop is None:
+            raise UsageError("--target is only used with --eval-data or --max-acc-drop")
         m = load_model(model)
         progress = BarProgress(quiet)
         result = prune(m, calib, config, evidence=evidence, from_report=from_report, output=output, force=force,
@@ -95,6 +100,14 @@ def prune_command(
                                                          "evaluation": {k: v.to_dict() for k, v in ev.items()}})
         write_json(json_out, report.to_json())
     if not quiet:
+        if report.extra.get("sweep"):
+            from .sweep import sweep_table
+            from onnx_linf.pipeline import SweepResult, SweepRow
+
+            sw = dict(report.extra["sweep"])
+            sw["rows"] = tuple(SweepRow(**r) for r in sw["rows"])
+            sw["chosen"] = SweepRow(**sw["chosen"]) if sw["chosen"] else None
+            console.print(sweep_table(SweepResult(**sw)))
         console.print(surgery_table(report.extra["surgery"], report.policy["score"]))
         v = report.extra["verification"]
         console.print(f"[bold]verified[/] {', '.join(f'{k}: {val}' for k, val in v['checks'].items())}")

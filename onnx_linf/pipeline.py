@@ -317,6 +317,12 @@ class PruneConfig:
     """Absolute tolerance of the numeric verification."""
     rtol: float = 1e-4
     """Relative tolerance of the numeric verification."""
+    max_acc_drop: float | None = None
+    """Pick the ratio automatically: lowest trigger ASR with accuracy within this drop (needs labels)."""
+    labels: str | os.PathLike | None = None
+    """Labelled data for the automatic ratio (default: the calibration data, if labelled)."""
+    target: int | None = None
+    """Attack target for the automatic ratio's ASR (default: inferred from stamped predictions)."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +384,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
 
     config = config or PruneConfig()
     scan_cfg = config.scan
+    swept: SweepResult | None = None
     scan_cfg.validate()
     if config.evidence not in ("required", "none"):
         raise UsageError(f"--evidence must be 'required' or 'none', got {config.evidence!r}")
@@ -416,6 +423,22 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         if evidence is not None:
             ev_stats = measure_evidence(probe, evidence, source, preprocess, scan_cfg.batch_size, scan_cfg.limit,
                                         progress)
+        if config.max_acc_drop is not None:
+            trigger = evidence.load_trigger(preprocess) if evidence is not None else None
+            if trigger is None:
+                raise UsageError("--max-acc-drop measures a trigger's success: give --trigger/--mask or --synthesize")
+            labelled = source if config.labels is None else open_source(config.labels, preprocess, labelled=True,
+                                                                        limit=scan_cfg.limit)
+            if not labelled.has_labels:
+                raise CalibrationDataError("--max-acc-drop needs labelled data: pass --labels (an .npz with x "
+                                           "and y, or a folder with one subfolder per class)")
+            swept = sweep(model, taps, clean, ev_stats, labelled, preprocess, trigger, target=config.target,
+                          score=scan_cfg.score, max_acc_drop=config.max_acc_drop, provider=scan_cfg.provider,
+                          batch_size=scan_cfg.batch_size)
+            if swept.chosen is None:
+                raise UsageError(f"no pruning ratio keeps the accuracy drop within {config.max_acc_drop:g} "
+                                 f"(best: {max(swept.rows, key=lambda r: r.accuracy)})")
+            scan_cfg = dataclasses.replace(scan_cfg, ratio=swept.chosen.ratio)
         flagged = score_and_flag(scan_cfg, clean, ev_stats)
 
     editable = _load_with_weights(model)
@@ -438,7 +461,8 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         policy={"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
                 "ratio": scan_cfg.ratio if flagged.policy == "ratio" else None,
                 "threshold": scan_cfg.threshold if flagged.policy == "outliers" else None,
-                "layers": [t.name for t in taps]},
+                "layers": [t.name for t in taps],
+                "ratio_chosen_by": None if swept is None else f"sweep, max accuracy drop {config.max_acc_drop:g}"},
         taps=tap_reports(taps, clean, flagged, ev_stats),
         verdict="not-assessed",
         verdict_reason=f"pruned {flagged.total} channels ranked by {flagged.score}",
@@ -448,6 +472,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
             "surgery": [dataclasses.asdict(r) for r in records],
             "verification": dataclasses.asdict(result),
             "output": None if output is None else str(output),
+            "sweep": None if swept is None else swept.to_dict(),
         },
     )
     return PruneResult(report=report, proto=pruned)
