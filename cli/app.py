@@ -8,10 +8,10 @@ import typer
 
 from onnx_linf import __version__
 
-from .console import console, setup_logging
-from .exit_codes import EPILOG
 from .clamp import clamp_command
+from .console import console, setup_logging
 from .evaluate import evaluate_command
+from .exit_codes import EPILOG
 from .inspect import inspect_command
 from .prune import prune_command
 from .scan import scan_command

@@ -101,8 +101,9 @@ def prune_command(
         write_json(json_out, report.to_json())
     if not quiet:
         if report.extra.get("sweep"):
-            from .sweep import sweep_table
             from onnx_linf.pipeline import SweepResult, SweepRow
+
+            from .sweep import sweep_table
 
             sw = dict(report.extra["sweep"])
             sw["rows"] = tuple(SweepRow(**r) for r in sw["rows"])

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import models
 from onnx_linf.bounds import topk_for_quantile
 from onnx_linf.calibrate import create_session
 from onnx_linf.cli.app import app
@@ -19,6 +18,8 @@ from onnx_linf.instrument import instrument
 from onnx_linf.load import load_model
 from onnx_linf.pipeline import ClampConfig, PreprocessOptions, clamp
 from onnx_linf.taps import find_taps
+
+import models
 
 runner = CliRunner()
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import models
-from golden import check_golden
 from onnx_linf.cli.app import app
 from onnx_linf.cli.exit_codes import ExitCode
+
+import models
+from golden import check_golden
 
 runner = CliRunner()
 

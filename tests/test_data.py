@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models
 from onnx_linf.data import ArraySource, ImageFolder, Preprocess, Trigger, open_source
 from onnx_linf.errors import CalibrationDataError, UsageError
 from onnx_linf.load import load_model
+
+import models
 
 
 def test_preprocess_from_fixture_metadata(fixtures_dir):

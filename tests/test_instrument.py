@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import models
 from onnx_linf.calibrate import create_session
 from onnx_linf.instrument import instrument
 from onnx_linf.load import load_model
 from onnx_linf.taps import find_taps
+
+import models
 
 CASES = {
     "plain_cnn_opset13": (lambda: models.plain_cnn(opset=13), (3, 8, 8)),

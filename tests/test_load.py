@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-import models
 from onnx_linf.calibrate import create_session
 from onnx_linf.errors import ModelLoadError, NoTapsError, UnsupportedModelError
 from onnx_linf.load import load_model, real_inputs
 from onnx_linf.taps import find_taps
+
+import models
 
 BROKEN = [
     ("not_onnx.onnx", ModelLoadError, "not a valid ONNX model"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import models
 import numpy as np
 import onnx
 import pytest
@@ -17,6 +16,8 @@ from onnx_linf.instrument import instrument
 from onnx_linf.load import load_model
 from onnx_linf.rewrite import ClampBound, clamp_maps, mask_reference, zero_channels
 from onnx_linf.taps import find_taps
+
+import models
 
 # Builder, input shape (without batch), expected method per tap.
 CASES = {

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import models
 from onnx_linf.errors import UnsupportedModelError
 from onnx_linf.load import load_model
 from onnx_linf.taps import find_taps
+
+import models
 
 
 def names(taps):

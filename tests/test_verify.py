@@ -5,7 +5,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import pytest
@@ -17,6 +16,8 @@ from onnx_linf.load import load_model
 from onnx_linf.rewrite import mask_reference, zero_channels
 from onnx_linf.taps import find_taps
 from onnx_linf.verify import VerifyResult, require_ok, verify_model
+
+import models
 
 CHANNELS = {"relu1_out": [0, 3], "relu2_out": [2]}
 
