@@ -5,6 +5,7 @@ The library is usable without the CLI. Typical use::
     import onnx_linf
     report = onnx_linf.scan("model.onnx", "calib_images/")
     print(report.verdict, report.flagged_channels())
+    safe = onnx_linf.clamp("model.onnx", "calib_images/", output="safe.onnx")
 """
 
 __version__ = "0.1.0"
@@ -21,11 +22,22 @@ from .errors import (  # noqa: E402
     VerificationError,
 )
 from .load import Model, load_model  # noqa: E402
-from .pipeline import ScanConfig, scan  # noqa: E402
+from .pipeline import (  # noqa: E402
+    ClampConfig,
+    Evidence,
+    PreprocessOptions,
+    PruneConfig,
+    ScanConfig,
+    clamp,
+    prune,
+    scan,
+    sweep_model,
+)
 from .taps import Tap, find_taps  # noqa: E402
 
 __all__ = [
-    "CalibrationDataError", "LinfError", "Model", "ModelLoadError", "NoTapsError", "RewriteError",
-    "RuntimeSessionError", "ScanConfig", "Tap", "UnsupportedModelError", "UsageError",
-    "VerificationError", "__version__", "find_taps", "load_model", "scan",
+    "CalibrationDataError", "ClampConfig", "Evidence", "LinfError", "Model", "ModelLoadError", "NoTapsError",
+    "PreprocessOptions", "PruneConfig", "RewriteError", "RuntimeSessionError", "ScanConfig", "Tap",
+    "UnsupportedModelError", "UsageError", "VerificationError", "__version__", "clamp", "find_taps",
+    "load_model", "prune", "scan", "sweep_model",
 ]
