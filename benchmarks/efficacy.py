@@ -151,7 +151,7 @@ def clamp_rows(case: Case) -> list[Row]:
     rows = []
     for layers in ("all", "last"):
         for granularity in ("position", "channel"):
-            for quantile in (100.0, 99.0):
+            for quantile in (100.0, 99.0, 95.0, 90.0):
                 cfg = ClampConfig(layers=layers, granularity=granularity, quantile=quantile, provider="cpu")
                 result = clamp(case.model, case.calib, cfg, preprocess=case.preprocess)
                 acc, asr = measure(case, result.proto)

@@ -189,11 +189,31 @@ def _follow_chain(index: GraphIndex, start: onnx.NodeProto) -> tuple[str, list[o
     channels = _channels(index, start, tensor)
     while tensor not in index.graph_outputs:
         consumers = index.consumers.get(tensor, [])
+        gated = _sigmoid_gate(index, tensor, consumers)
+        if gated is not None:  # SiLU / Swish: x * sigmoid(x), exported as two nodes
+            chain.extend(gated)
+            tensor = gated[-1].output[0]
+            continue
         if len(consumers) != 1 or not _continues_map(index, consumers[0], tensor, channels):
             break
         chain.append(consumers[0])
         tensor = consumers[0].output[0]
     return tensor, chain
+
+
+def _sigmoid_gate(index: GraphIndex, tensor: str, consumers: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """[Sigmoid, Mul] when `tensor` feeds exactly ``Mul(tensor, Sigmoid(tensor))`` and nothing else."""
+    if len(consumers) != 2:
+        return None
+    sig = next((n for n in consumers if n.op_type == "Sigmoid"), None)
+    mul = next((n for n in consumers if n.op_type == "Mul"), None)
+    if sig is None or mul is None or sig.output[0] in index.graph_outputs:
+        return None
+    if sorted(mul.input) != sorted([tensor, sig.output[0]]):
+        return None
+    if index.consumers.get(sig.output[0], []) != [mul]:
+        return None
+    return [sig, mul]
 
 
 def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None:

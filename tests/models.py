@@ -262,3 +262,19 @@ def subgraph_reader(opset: int = 17) -> onnx.ModelProto:
     f = g.node("Flatten", [p], "flatten", axis=1)
     out = g.gemm(f, 4, 3, "fc")
     return g.model(["N", 3, 6, 6], out, ["N", 3], opset=opset)
+
+
+def silu_cnn(opset: int = 17) -> onnx.ModelProto:
+    """input -> conv -> bn -> (x * Sigmoid(x)) -> conv -> Relu -> GAP -> Flatten -> Gemm
+
+    Guards: SiLU/Swish exported as Sigmoid + Mul belongs to the conv's map (the tap is the Mul output).
+    """
+    g = GraphBuilder(11)
+    x = g.bn(g.conv("input", 3, 6, "c1"), 6, "bn1")
+    s = g.node("Sigmoid", [x], "sig")
+    x = g.node("Mul", [x, s], "swish")
+    x = g.node("Relu", [g.conv(x, 6, 4, "c2")], "relu2")
+    p = g.node("GlobalAveragePool", [x], "gap")
+    f = g.node("Flatten", [p], "flatten", axis=1)
+    out = g.gemm(f, 4, 3, "fc")
+    return g.model(["N", 3, 8, 8], out, ["N", 3], opset=opset)

@@ -25,6 +25,7 @@ CASES = {
     "depthwise": (models.depthwise, (3, 8, 8)),
     "nhwc_input": (models.nhwc_input, (8, 8, 3)),
     "computed_weights": (models.computed_weights, (3, 6, 6)),
+    "silu_cnn": (models.silu_cnn, (3, 8, 8)),
 }
 
 

@@ -65,3 +65,10 @@ def test_fixture_taps(fixtures_dir):
     assert names(taps) == ["relu1_out", "relu2_out", "relu3_out"]
     # relu3 -> MaxPool -> Flatten -> Gemm: the head sees relu3 through the pooling.
     assert names(find_taps(model, "last")) == ["relu3_out"]
+
+
+def test_silu_gate_belongs_to_the_map(model_file):
+    model = load_model(model_file(models.silu_cnn()))
+    taps = find_taps(model)
+    assert names(taps) == ["swish_out", "relu2_out"]
+    assert taps[0].chain == ("c1", "bn1", "sig", "swish") and not taps[0].non_negative
