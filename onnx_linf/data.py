@@ -411,13 +411,78 @@ class FeedSource(DataSource):
                         labels=None if self.y is None else self.y[i:i + batch_size])
 
 
+class ScriptSource(DataSource):
+    """Batches from a user's data-loader script, for models whose inputs are not plain images.
+
+    Same convention as Polygraphy's ``--data-loader-script``: a Python file defining a function
+    (``load_data`` unless named as ``script.py:func``) that returns an iterable of feed dicts
+    ``{input_name: array}`` or of bare arrays, each already preprocessed, with a batch axis.
+    """
+
+    def __init__(self, spec: str | os.PathLike, input_name: str, limit: int | None = None) -> None:
+        text = str(spec)
+        path_text, func = (text.rsplit(":", 1) if ".py:" in text else (text, ""))
+        path = Path(path_text)
+        if not path.is_file():
+            raise CalibrationDataError(f"data-loader script not found: {path}")
+        import importlib.util
+
+        module_spec = importlib.util.spec_from_file_location(f"onnx_linf_loader_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's code: report it as a data problem, in one line
+            raise CalibrationDataError(f"data-loader script {path} failed to import: {type(exc).__name__}: {exc}") \
+                from None
+        self.func_name = func or "load_data"
+        if not callable(getattr(module, self.func_name, None)):
+            raise CalibrationDataError(f"data-loader script {path} defines no function {self.func_name}()")
+        self.func = getattr(module, self.func_name)
+        self.input_name = input_name
+        self.limit = limit
+        self._count: int | None = None
+        self.description = f"batches from {path.name}:{self.func_name}()"
+
+    def __len__(self) -> int:
+        if self._count is None:  # one dry pass: scripts are expected to be cheap to iterate
+            self._count = sum(len(b) for b in self._raw())
+        return self._count
+
+    @property
+    def has_pixels(self) -> bool:
+        return False
+
+    def _raw(self) -> Iterator[Batch]:
+        seen = 0
+        for item in self.func():
+            if isinstance(item, dict):
+                if self.input_name not in item:
+                    raise CalibrationDataError(f"data-loader feed has no '{self.input_name}' (keys: {sorted(item)})")
+                item = item[self.input_name]
+            arr = np.asarray(item, dtype=np.float32)
+            if self.limit is not None:
+                arr = arr[: max(0, self.limit - seen)]
+            if len(arr) == 0:
+                break
+            seen += len(arr)
+            yield Batch(tensor=arr)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        # The script fixes its own batches; `batch_size` only re-chunks batches that are larger.
+        for batch in self._raw():
+            for i in range(0, len(batch), batch_size):
+                yield Batch(tensor=batch.tensor[i:i + batch_size])
+
+
 def open_source(path: str | os.PathLike, preprocess: Preprocess, *, labelled: bool = False,
-                limit: int | None = None) -> DataSource:
+                limit: int | None = None, input_name: str = "input") -> DataSource:
     """Open a calibration/evaluation source by path: an image folder or an ``.npy``/``.npz`` file.
 
     Raises:
         CalibrationDataError: the path does not exist or holds no usable data.
     """
+    if str(path).split(":")[0].endswith(".py"):
+        return ScriptSource(path, input_name, limit=limit)
     path = Path(path)
     if path.is_dir():
         return ImageFolder(path, preprocess.size, preprocess.channels, labelled=labelled, limit=limit)
@@ -425,7 +490,8 @@ def open_source(path: str | os.PathLike, preprocess: Preprocess, *, labelled: bo
         return ArraySource(path, preprocess.size, preprocess.channels, limit=limit)
     if not path.exists():
         raise CalibrationDataError(f"data path not found: {path}")
-    raise CalibrationDataError(f"unsupported data path {path}: give a folder of images or a .npy/.npz file")
+    raise CalibrationDataError(f"unsupported data path {path}: give a folder of images, a .npy/.npz file "
+                               "or a data-loader script (.py)")
 
 
 # --------------------------------------------------------------------------------------------

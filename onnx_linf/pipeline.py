@@ -125,6 +125,14 @@ class Probe:
         return collector.result()
 
 
+def open_calibration(model: Model, calib: str | os.PathLike | DataSource, preprocess: Preprocess,
+                     limit: int | None) -> DataSource:
+    """A calibration source from a path (image folder, arrays, data-loader script) or as given."""
+    if isinstance(calib, DataSource):
+        return calib
+    return open_source(calib, preprocess, limit=limit, input_name=model.input.name)
+
+
 @dataclass(frozen=True)
 class Evidence:
     """Trigger evidence: a trigger to stamp on the calibration images, or real suspect images."""
@@ -212,7 +220,7 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
     preprocess = config.preprocess.resolve(model)
-    source = calib if isinstance(calib, DataSource) else open_source(calib, preprocess, limit=config.limit)
+    source = open_calibration(model, calib, preprocess, config.limit)
     if evidence is not None:
         evidence.load_trigger(preprocess)  # fail on a bad trigger before the long clean pass
     suspects = evidence is not None and evidence.suspect is not None
@@ -396,7 +404,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if output is not None:
         check_output_path(output, [model.path], force)
     preprocess = scan_cfg.preprocess.resolve(model)
-    source = calib if isinstance(calib, DataSource) else open_source(calib, preprocess, limit=scan_cfg.limit)
+    source = open_calibration(model, calib, preprocess, scan_cfg.limit)
 
     if from_report is not None:
         report_in = load_report(from_report)
@@ -550,7 +558,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         check_output_path(output, [model.path], force)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
     preprocess = preprocess or config.preprocess.resolve(model)
-    source = calib if isinstance(calib, DataSource) else open_source(calib, preprocess, limit=config.limit)
+    source = open_calibration(model, calib, preprocess, config.limit)
     k = topk_for_quantile(config.quantile, len(source))
 
     granularity: dict[str, str] = {}

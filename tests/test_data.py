@@ -92,3 +92,25 @@ def test_trigger_size_mismatch(tmp_path):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "t16.png")
     with pytest.raises(CalibrationDataError, match="mask m8.png is 8x8 but the trigger is 16x16"):
         Trigger.from_files(tmp_path / "t16.png", tmp_path / "m8.png", Preprocess((16, 16), channels="L"))
+
+
+def test_data_loader_script(tmp_path, model_file):
+    """Polygraphy-style loader: a function yielding feed dicts of preprocessed batches."""
+    from typer.testing import CliRunner
+
+    from onnx_linf.cli.app import app
+
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np\n"
+        "def feeds():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for _ in range(3):\n"
+        "        yield {'input': rng.normal(size=(4, 3, 8, 8)).astype(np.float32)}\n")
+    model = model_file(models.plain_cnn())
+    src = open_source(f"{tmp_path / 'loader.py'}:feeds", Preprocess((8, 8)), input_name="input")
+    assert len(src) == 12 and not src.has_pixels
+    r = CliRunner().invoke(app, ["scan", str(model), "--calib", f"{tmp_path / 'loader.py'}:feeds", "--json", "-", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert '"images": 12' in r.stdout
+    r = CliRunner().invoke(app, ["scan", str(model), "--calib", str(tmp_path / "loader.py")])
+    assert r.exit_code == 2 and "defines no function load_data()" in r.stderr
