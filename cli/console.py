@@ -18,8 +18,9 @@ from onnx_linf.calibrate import Progress as LibraryProgress
 from onnx_linf.errors import LinfError
 from onnx_linf.files import atomic_write_text
 
-#: Humans read stderr; stdout carries only what was asked for (``--json -``).
-console = Console(stderr=True, highlight=False)
+#: Humans read stderr; stdout carries only what was asked for (``--json -``). Off a terminal (CI
+#: logs) rich would wrap at 80 columns and cut tensor names; logs are read wide.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 stdout = Console(highlight=False, soft_wrap=True)
 
 LOG_ENV = "ONNX_LINF_LOG"

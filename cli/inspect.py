@@ -36,8 +36,10 @@ def inspect_command(model: o.ModelArg, json_out: o.JsonOut = None) -> None:
     for out in m.outputs:
         console.print(f"output {out.name} {list(out.shape)}")
     table = Table(title=f"activation maps ({len(taps)})", title_justify="left")
-    for col in ("tap", "kind", "C", "HxW", "≥0", "chain"):
+    table.add_column("tap", overflow="fold")
+    for col in ("kind", "C", "HxW", "≥0"):
         table.add_column(col)
+    table.add_column("chain", overflow="fold")
     for t in taps:
         hw = "x".join("?" if d is None else str(d) for d in t.spatial)
         table.add_row(t.name + (" (last)" if t.is_last else ""), t.kind, str(t.channels), hw,

@@ -27,7 +27,7 @@ def taps_table(report: ScanReport, top: int = 3) -> Table:
     score = report.policy["score"]
     table = Table(title=f"activation maps measured ({len(report.taps)}); top channels by {score}",
                   title_justify="left")
-    table.add_column("tap")
+    table.add_column("tap", overflow="fold")
     table.add_column("kind")
     table.add_column("C", justify="right")
     table.add_column("HxW", justify="right")
