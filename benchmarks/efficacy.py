@@ -113,18 +113,19 @@ def measure(case: Case, proto=None) -> tuple[float, float | None]:
     return ev.accuracy, ev.asr
 
 
-def pruning_rows(case: Case, layers: str) -> list[Row]:
+def pruning_rows(case: Case, layers: str, scores_wanted: tuple[str, ...] = SCORES,
+                 ratios: tuple[float, ...] = RATIOS) -> list[Row]:
     taps = find_taps(case.model, layers)
-    probe = Probe(case.model, taps, SCORES, "cpu")
+    probe = Probe(case.model, taps, scores_wanted, "cpu")
     clean = probe.measure(case.calib, case.preprocess, 64)
     triggered = probe.measure(case.calib, case.preprocess, 64, case.trigger) if case.trigger else None
     rows = []
-    for score in SCORES:
+    for score in scores_wanted:
         rankings: dict[str, dict] = {"clean-only": clean_scores(clean, score)}
         if triggered is not None:
             rankings["differential"] = differential_scores(clean, triggered, score)
         for ranking, scores in rankings.items():
-            for ratio in RATIOS:
+            for ratio in ratios:
                 flagged = by_ratio(scores, ratio, score=f"{ranking} {score}", evidence=ranking != "clean-only")
                 proto, _ = zero_channels(case.model, taps, flagged.channels())
                 acc, asr = measure(case, proto)
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated case names to run")
     parser.add_argument("--no-prune", action="store_true", help="skip the pruning grid")
     parser.add_argument("--layers", default="last,all", help="layer selections for the pruning grid")
+    parser.add_argument("--scores", default="linf,l1,l2", help="norms for the pruning grid")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="ratios for the pruning grid")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
     _register_optional()
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[Row] = []
         if not args.no_prune:
             for layers in args.layers.split(","):
-                rows += pruning_rows(case, layers)
+                rows += pruning_rows(case, layers, tuple(args.scores.split(",")),
+                                     tuple(float(r) for r in args.ratios.split(",")))
         for extra in EXTRA_ROWS:
             rows += extra(case)
         chunk = table(case, rows, base) + f"\n({time.perf_counter() - t0:.0f} s)\n"

@@ -16,6 +16,7 @@ from .inspect import inspect_command
 from .prune import prune_command
 from .scan import scan_command
 from .sweep import sweep_command
+from .synthesize import synthesize_command
 
 app = typer.Typer(
     name="onnx-linf",
@@ -50,6 +51,7 @@ app.command("prune", epilog=EPILOG)(prune_command)
 app.command("clamp", epilog=EPILOG)(clamp_command)
 app.command("evaluate", epilog=EPILOG)(evaluate_command)
 app.command("sweep", epilog=EPILOG)(sweep_command)
+app.command("synthesize", epilog=EPILOG)(synthesize_command)
 
 
 def main() -> None:

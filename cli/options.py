@@ -81,3 +81,27 @@ def preprocess_options(size: str | None, layout: str | None, channels: str | Non
     """Build the library's preprocessing overrides from CLI strings."""
     return PreprocessOptions(size=parse_size(size), layout=layout, channels=channels, scale=scale,
                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
+
+
+SynthFlag = Annotated[bool, typer.Option("--synthesize", help="Synthesize a trigger per class with forward "
+                                         "passes only (query-only Neural Cleanse) and use the most anomalous "
+                                         "one as evidence.")]
+SynthClasses = Annotated[Optional[str], typer.Option("--classes", help="Candidate target classes for "
+                                                     "--synthesize, comma-separated (default: all).")]
+SynthSeed = Annotated[int, typer.Option("--seed", help="Seed of --synthesize; the same seed gives the same "
+                                        "triggers.")]
+MaxQueries = Annotated[Optional[int], typer.Option("--max-queries", help="Most image forward passes "
+                                                   "--synthesize may spend.")]
+TimeLimit = Annotated[Optional[float], typer.Option("--time-limit", help="Wall-clock limit of --synthesize in "
+                                                    "seconds; classes that do not fit are skipped.")]
+
+
+def synth_config(classes: str | None, seed: int, max_queries: int | None, time_limit: float | None):
+    """The library's synthesis options from CLI values."""
+    from onnx_linf.synthesize import SynthConfig
+
+    from .synthesize import parse_classes
+
+    config = SynthConfig(classes=parse_classes(classes), seed=seed, max_queries=max_queries, time_limit=time_limit)
+    config.validate()
+    return config

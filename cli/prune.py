@@ -38,6 +38,11 @@ def prune_command(
     trigger: o.Trigger = None,
     mask: o.Mask = None,
     suspect: o.Suspect = None,
+    synthesize: o.SynthFlag = False,
+    classes: o.SynthClasses = None,
+    seed: o.SynthSeed = 0,
+    max_queries: o.MaxQueries = None,
+    time_limit: o.TimeLimit = None,
     from_report: Annotated[Optional[Path], typer.Option("--from-report", help="Prune exactly the channels a "
                                                         "scan report flagged.")] = None,
     evidence_mode: Annotated[str, typer.Option("--evidence", help="'required' (default), or 'none' to rank by "
@@ -67,10 +72,11 @@ def prune_command(
 ) -> None:
     """Zero the channels most driven by a trigger (differential ℓ∞), verify the model, and write it.
 
-    Evidence is required: --trigger/--mask (stamped on the calibration images), --suspect (real
-    triggered images) or --from-report. The pruned model is checked (onnx.checker, ONNX Runtime,
-    outputs equal to the original with those channels masked) before it is written; a failed check
-    writes nothing and exits 1.
+    Evidence: --trigger/--mask (stamped on the calibration images), --suspect (real triggered
+    images), --from-report, or --synthesize (the default when none is given: a trigger is searched
+    per class with forward passes only, and the most anomalous one is used). The pruned model is
+    checked (onnx.checker, ONNX Runtime, outputs equal to the original with those channels masked)
+    before it is written; a failed check writes nothing and exits 1.
     """
     with user_errors():
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
@@ -78,10 +84,15 @@ def prune_command(
             scan=ScanConfig(layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold,
                             score=score, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp),
             evidence=evidence_mode, fold=fold, max_acc_drop=max_acc_drop, labels=labels, target=target,
+            synthesize=o.synth_config(classes, seed, max_queries, time_limit),
         )
         evidence = None
         if trigger is not None or suspect is not None or mask is not None:
+            if synthesize:
+                raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
+        elif synthesize:
+            evidence = Evidence(synthesize=config.synthesize)
         if eval_data is not None and (trigger is None or target is None):
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
         if target is not None and eval_data is None and max_acc_drop is None:

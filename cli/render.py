@@ -57,3 +57,16 @@ def flagged_lines(report: ScanReport) -> None:
         console.print(f"  {tap}: {chans[:16]}{' ...' if len(chans) > 16 else ''}")
     if len(flagged) > 12:
         console.print(f"  ... and {len(flagged) - 12} more maps (see --json)")
+
+
+def synthesis_table(synthesis: dict) -> Table:
+    """Per-class synthesized trigger sizes and anomaly indices, from a report's ``synthesis`` section."""
+    table = Table(title=f"synthesized triggers ({len(synthesis['classes'])} classes, {synthesis['queries']} "
+                        f"queries, {synthesis['seconds']:.1f} s)", title_justify="left")
+    for col in ("class", "mask L1", "ASR", "ℓ∞ top share", "anomaly", ""):
+        table.add_column(col, justify="right" if col else "left")
+    for c in synthesis["classes"]:
+        mark = "suspected" if c["target"] in synthesis["suspected"] else "" if c["found"] else "not found"
+        share = "" if c["concentration"] is None else f"{c['concentration']:.2f}"
+        table.add_row(str(c["target"]), f"{c['mask_l1']:.1f}", f"{c['asr']:.2f}", share, f"{c['anomaly']:.2f}", mark)
+    return table

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
+from onnx_linf.errors import UsageError
 from onnx_linf.pipeline import Evidence, ScanConfig, scan
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
-from .render import flagged_lines, model_summary, taps_table
+from .render import flagged_lines, model_summary, synthesis_table, taps_table
 
 
 def scan_command(
@@ -27,6 +28,13 @@ def scan_command(
     trigger: o.Trigger = None,
     mask: o.Mask = None,
     suspect: o.Suspect = None,
+    synthesize: o.SynthFlag = False,
+    fail_on_suspect: Annotated[bool, typer.Option("--fail-on-suspect", help="Exit 1 when a backdoor is "
+                                                  "suspected (CI gate; needs --synthesize).")] = False,
+    classes: o.SynthClasses = None,
+    seed: o.SynthSeed = 0,
+    max_queries: o.MaxQueries = None,
+    time_limit: o.TimeLimit = None,
     batch_size: o.BatchSize = 32,
     provider: o.Provider = "auto",
     limit: o.Limit = None,
@@ -41,6 +49,9 @@ def scan_command(
 ) -> None:
     """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of every conv activation map on calibration images.
 
+    For a CI gate: --synthesize --fail-on-suspect searches a minimal trigger per class with forward
+    passes only and exits 1 when one class is reached by an anomalously small trigger.
+
     Without trigger evidence, flagged channels are the most active ones on clean images: that is a
     description of the model, not evidence of a backdoor. Give --trigger/--mask or --suspect to
     rank channels by differential ℓ∞ (evidence minus clean).
@@ -52,8 +63,14 @@ def scan_command(
             provider=provider, limit=limit,
             preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
         )
+        if fail_on_suspect and not synthesize:
+            raise UsageError("--fail-on-suspect needs a verdict: add --synthesize")
         evidence = None
+        if synthesize:
+            evidence = Evidence(synthesize=o.synth_config(classes, seed, max_queries, time_limit))
         if trigger is not None or suspect is not None or mask is not None:
+            if synthesize:
+                raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
         report = scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet))
         write_json(json_out, report.to_json())
@@ -61,8 +78,12 @@ def scan_command(
         model_summary(report)
         console.print(taps_table(report))
         flagged_lines(report)
+        if "synthesis" in report.extra:
+            console.print(synthesis_table(report.extra["synthesis"]))
         console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
         _next_steps(model, calib, report.policy["evidence"])
+    if fail_on_suspect and report.verdict == "suspected":
+        raise typer.Exit(ExitCode.SUSPECTED)
     raise typer.Exit(ExitCode.OK)
 
 

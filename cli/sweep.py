@@ -80,6 +80,11 @@ def sweep_command(
     calib: o.CalibOpt,
     trigger: o.Trigger = None,
     mask: o.Mask = None,
+    synthesize: o.SynthFlag = False,
+    classes: o.SynthClasses = None,
+    seed: o.SynthSeed = 0,
+    max_queries: o.MaxQueries = None,
+    time_limit: o.TimeLimit = None,
     labels: Labels = None,
     target: Annotated[Optional[int], typer.Option(help="Attack target (default: inferred from the stamped "
                                                   "predictions).")] = None,
@@ -104,12 +109,14 @@ def sweep_command(
 ) -> None:
     """Prune at each ratio (channels ranked by differential score) and show clean ACC and the trigger's ASR."""
     with user_errors():
-        if trigger is None:
-            raise UsageError("sweep needs a trigger: --trigger T.png --mask M.png")
+        if (trigger is None) == (not synthesize):
+            raise UsageError("sweep needs one trigger: --trigger T.png --mask M.png, or --synthesize")
+        evidence = (Evidence(synthesize=o.synth_config(classes, seed, max_queries, time_limit)) if synthesize
+                    else Evidence(trigger=trigger, mask=mask))
         config = ScanConfig(layers=o.parse_layers(layers), score=score, stats=(score,), batch_size=batch_size,
                             provider=provider, limit=limit,
                             preprocess=o.preprocess_options(size, layout, channels, scale, mean, std))
-        result = sweep_model(model, calib, config, evidence=Evidence(trigger=trigger, mask=mask), labels=labels,
+        result = sweep_model(model, calib, config, evidence=evidence, labels=labels,
                              target=target, ratios=parse_ratios(ratios), max_acc_drop=max_acc_drop,
                              progress=BarProgress(quiet))
         if plot is not None:

@@ -45,6 +45,10 @@ class CalibrationDataError(LinfError):
     """Calibration or evaluation data is missing, empty, unreadable or does not fit the model."""
 
 
+class NoEvidenceError(LinfError):
+    """Evidence was asked for (trigger synthesis) but none was found: nothing to rank channels by."""
+
+
 class RuntimeSessionError(LinfError):
     """ONNX Runtime could not create a session or run the model with the requested provider."""
 

@@ -132,3 +132,105 @@ def from_channels(channels: Mapping[str, list[int]], *, policy: str = "report", 
         c = (sizes or {}).get(tap, max(chans) + 1 if chans else 0)
         taps[tap] = TapFlags(tap, np.zeros(c), tuple(int(x) for x in chans))
     return Flagged(policy, score, evidence, taps)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison policies: Fine-Pruning's dormant channels and data-free Channel Lipschitzness
+# --------------------------------------------------------------------------------------------
+
+
+def dormant_scores(stats: Mapping[str, ChannelStats], stat: str = "l1") -> dict[str, np.ndarray]:
+    """Fine-Pruning's ranking: minus the mean activation on clean data, per channel.
+
+    Fine-Pruning (Liu et al. 2018) prunes the channels least active on clean inputs, on the premise
+    that a backdoor hides in channels the clean task leaves dormant. The highest score is the least
+    active channel, so `by_ratio` on these scores selects what Fine-Pruning would prune first.
+
+    Args:
+        stats: clean statistics per tap.
+        stat: ``l1`` (mean absolute activation, the paper's mean activation for ReLU maps), ``linf``
+            or ``l2``.
+
+    Returns:
+        Tap name -> float64 ``[C]`` scores.
+
+    Raises:
+        UsageError: unknown statistic.
+    """
+    _check_stat(stat)
+    return {tap: -np.asarray(s.moments[stat].mean, dtype=np.float64) for tap, s in stats.items()}
+
+
+def clp_scores(model, taps) -> dict[str, np.ndarray]:
+    """Channel Lipschitzness (CLP, Zheng et al. 2022): a data-free upper bound per conv output channel.
+
+    For output channel ``k`` of a convolution with weight ``W`` ``[C_out, C_in/g, kh, kw]``, the
+    score is the largest singular value of ``W_k`` reshaped to ``[C_in/g, kh*kw]``, times
+    ``|gamma_k / sqrt(var_k + eps)|`` of the BatchNormalization that follows in the tap's chain, if
+    any (CLP folds BN into the convolution first). Backdoor channels tend to have an unusually large
+    Lipschitz constant, which `by_threshold` flags.
+
+    Args:
+        model: the loaded `onnx_linf.load.Model`.
+        taps: `onnx_linf.taps.Tap` objects; only ``conv`` taps whose weights are constants are scored
+            (merge and head maps, or weights computed in the graph, have no single kernel).
+
+    Returns:
+        Tap name -> float64 ``[C]`` scores, for the taps that could be scored.
+    """
+    # Local import: this module is otherwise pure numpy, and only CLP reads weights from the graph.
+    from .taps import GraphIndex
+
+    index = GraphIndex(model.proto)
+    by_name = {index.node_name(n): n for n in index.nodes}
+    out: dict[str, np.ndarray] = {}
+    for tap in taps:
+        conv = by_name.get(tap.source)
+        if tap.kind != "conv" or conv is None or conv.op_type != "Conv" or len(conv.input) < 2:
+            continue
+        weight = index.const_value(conv.input[1])
+        if weight is None or weight.ndim < 3:
+            continue
+        w = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], weight.shape[1], -1)
+        # Batched SVD: singular values of every [C_in/g, kh*kw] slice at once, largest first.
+        scores = np.linalg.svd(w, compute_uv=False)[:, 0]
+        for name in tap.chain[1:]:
+            node = by_name.get(name)
+            if node is None or node.op_type != "BatchNormalization":
+                continue
+            gamma, var = index.const_value(node.input[1]), index.const_value(node.input[4])
+            if gamma is None or var is None:
+                break
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            scores = scores * np.abs(np.asarray(gamma, dtype=np.float64) / np.sqrt(np.asarray(var, np.float64) + eps))
+            break
+        out[tap.name] = scores
+    return out
+
+
+def by_threshold(scores: Mapping[str, np.ndarray], u: float = 3.0, *, score: str = "clp",
+                 evidence: bool = False) -> Flagged:
+    """Flag channels whose score exceeds ``mean + u * std`` of their tap (CLP's rule).
+
+    Args:
+        scores: tap name -> per-channel scores.
+        u: number of standard deviations above the layer mean (CLP's default is 3).
+        score: what the scores are, for reports.
+        evidence: True when the scores come from trigger evidence (CLP's do not).
+
+    Returns:
+        The flagged channels per tap, most extreme first.
+
+    Raises:
+        UsageError: u is negative.
+    """
+    if u < 0:
+        raise UsageError(f"u must be >= 0, got {u}")
+    taps = {}
+    for tap, s in scores.items():
+        s = np.asarray(s, dtype=np.float64)
+        limit = s.mean() + u * s.std()
+        idx = np.flatnonzero(s > limit)
+        idx = idx[np.argsort(-s[idx], kind="stable")]
+        taps[tap] = TapFlags(tap, s, tuple(int(c) for c in idx))
+    return Flagged("threshold", score, evidence, taps)

@@ -12,13 +12,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from .calibrate import Progress, Session, create_session, model_tensor, run_batches
 from .data import DataSource, Preprocess, Trigger, open_source
-from .errors import CalibrationDataError, UsageError
+from .errors import CalibrationDataError, NoEvidenceError, UsageError
 from .files import check_output_path, save_model
 from .flag import SCORE_STATS, Flagged, by_outliers, by_ratio, clean_scores, differential_scores, from_channels
 from .instrument import BATCH_STATS, CHANNEL_STATS, POSITION_STATS, TOPK_STATS, instrument
@@ -135,7 +136,7 @@ def open_calibration(model: Model, calib: str | os.PathLike | DataSource, prepro
 
 @dataclass(frozen=True)
 class Evidence:
-    """Trigger evidence: a trigger to stamp on the calibration images, or real suspect images."""
+    """Trigger evidence: a trigger to stamp, real suspect images, or a trigger to synthesize."""
 
     trigger: Trigger | str | os.PathLike | None = None
     """Pixel-space trigger (or the path of its PNG) stamped on the calibration images."""
@@ -143,10 +144,15 @@ class Evidence:
     """Path of the trigger's mask PNG (with a trigger path)."""
     suspect: str | os.PathLike | None = None
     """Folder or array file of suspect (triggered) images."""
+    synthesize: Any = None
+    """A `synthesize.SynthConfig`: search a trigger per class with forward passes only."""
+    synthesis: Any = None
+    """The `synthesize.SynthResult` once the search ran (set by `resolve_evidence`)."""
 
     def __post_init__(self) -> None:
-        if (self.trigger is None) == (self.suspect is None):
-            raise UsageError("give either a trigger (--trigger/--mask) or suspect images (--suspect), not both")
+        given = sum(x is not None for x in (self.trigger, self.suspect, self.synthesize))
+        if given != 1 and not (self.synthesize is not None and self.trigger is not None and self.synthesis):
+            raise UsageError("give one kind of evidence: --trigger/--mask, --suspect or --synthesize")
         if self.mask is not None and self.trigger is None:
             raise UsageError("--mask needs --trigger")
 
@@ -158,12 +164,35 @@ class Evidence:
 
     def describe(self) -> dict:
         """Report form."""
+        if self.synthesize is not None:
+            out = {"kind": "synthesized"}
+            if self.synthesis is not None:
+                out["suspected"] = list(self.synthesis.suspected)
+                out["target"] = self.synthesis.suspected[0] if self.synthesis.suspected else None
+            return out
         if isinstance(self.trigger, Trigger):
             return {"kind": "trigger", "trigger": self.trigger.description}
         if self.trigger is not None:
             return {"kind": "trigger", "trigger": str(self.trigger),
                     "mask": None if self.mask is None else str(self.mask)}
         return {"kind": "suspect", "path": str(self.suspect)}
+
+
+def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, preprocess: Preprocess,
+                     provider: str, progress: Progress | None = None) -> Evidence:
+    """Run trigger synthesis when asked; the result carries the most anomalous class's trigger.
+
+    Returns the evidence unchanged for a given trigger or suspect images. For synthesis, a new
+    `Evidence` whose `trigger` is the synthesized trigger of the top suspected class, or None when
+    no class is suspected (then there is nothing to rank channels by).
+    """
+    if evidence.synthesize is None or evidence.synthesis is not None:
+        return evidence
+    from .synthesize import synthesize
+
+    result = synthesize(model, source, preprocess, evidence.synthesize, provider=provider, progress=progress)
+    trigger = result.trigger(result.suspected[0]).as_trigger() if result.suspected else None
+    return dataclasses.replace(evidence, trigger=trigger, synthesis=result)
 
 
 def measure_evidence(probe: Probe, evidence: Evidence, calib: DataSource, preprocess: Preprocess,
@@ -223,6 +252,8 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     source = open_calibration(model, calib, preprocess, config.limit)
     if evidence is not None:
         evidence.load_trigger(preprocess)  # fail on a bad trigger before the long clean pass
+    if evidence is not None and evidence.synthesize is not None:
+        evidence = resolve_evidence(model, evidence, source, preprocess, config.provider, progress)
     suspects = evidence is not None and evidence.suspect is not None
     # With suspect images, also measure the clean per-position range: how far suspects leave it is
     # the clamp's view of the same evidence (a test-time signal that needs no trigger).
@@ -230,14 +261,17 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
     ev_stats = None
     extra: dict = {}
-    if evidence is not None:
+    if evidence is not None and (evidence.trigger is not None or evidence.suspect is not None):
         ev_stats = measure_evidence(probe, evidence, source, preprocess, config.batch_size, config.limit, progress)
     if suspects:
         suspect_source = open_source(evidence.suspect, preprocess, limit=config.limit)
         extra["bounds_exceedance"] = bounds_exceedance(model, taps, clean, suspect_source, preprocess,
                                                        config.batch_size, config.provider)
     flagged = score_and_flag(config, clean, ev_stats)
-    if evidence is None:
+    if evidence is not None and evidence.synthesis is not None:
+        verdict, reason = synthesis_verdict(evidence.synthesis)
+        extra["synthesis"] = evidence.synthesis.to_dict()
+    elif evidence is None:
         verdict, reason = "not-assessed", (
             "no trigger evidence: flagged channels are the most active on clean images, which is not "
             "evidence of a backdoor")
@@ -260,6 +294,20 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         evidence=None if evidence is None else evidence.describe(),
         extra=extra,
     )
+
+
+def synthesis_verdict(result: Any) -> tuple[str, str]:
+    """Verdict and reason from a `synthesize.SynthResult` (Neural Cleanse's anomaly index)."""
+    if result.suspected:
+        top = result.suspected[0]
+        t = result.trigger(top)
+        conc = "" if t.concentration is None else f"; its differential ℓ∞ concentrates {100 * t.concentration:.0f}% " \
+            f"in the top {100 * result.config.evidence_ratio:.0f}% channels of the last map"
+        return "suspected", (f"class {top} is reached by an unusually small synthesized trigger (mask L1 "
+                             f"{t.mask_l1:.1f}, anomaly index {result.anomaly[top]:.1f} > {result.threshold:g}){conc}")
+    incomplete = "" if result.complete else " (the query budget or time limit skipped some classes)"
+    return "clean", (f"no class's synthesized trigger is anomalously small (max anomaly index "
+                     f"{max(result.anomaly.values(), default=0.0):.1f} <= {result.threshold:g}){incomplete}")
 
 
 def bounds_exceedance(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelStats], source: DataSource,
@@ -305,8 +353,6 @@ def bounds_exceedance(model: Model, taps: Sequence[Tap], clean: dict[str, Channe
 # prune
 # --------------------------------------------------------------------------------------------
 
-EVIDENCE_HELP = ("pruning needs trigger evidence: pass --trigger T.png --mask M.png, --suspect IMAGES, "
-                 "or --from-report REPORT.json (or --evidence none to rank by clean activity, for study only)")
 
 
 @dataclass(frozen=True)
@@ -325,6 +371,8 @@ class PruneConfig:
     """Absolute tolerance of the numeric verification."""
     rtol: float = 1e-4
     """Relative tolerance of the numeric verification."""
+    synthesize: Any = None
+    """`synthesize.SynthConfig` used when no evidence is given (default options when None)."""
     max_acc_drop: float | None = None
     """Pick the ratio automatically: lowest trigger ASR with accuracy within this drop (needs labels)."""
     labels: str | os.PathLike | None = None
@@ -399,7 +447,10 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if from_report is not None and evidence is not None:
         raise UsageError("--from-report already fixes the channels; drop --trigger/--suspect")
     if from_report is None and evidence is None and config.evidence == "required":
-        raise UsageError(EVIDENCE_HELP)
+        # With no evidence given, synthesize a trigger: ranking by clean activity finds nothing.
+        from .synthesize import SynthConfig
+
+        evidence = Evidence(synthesize=config.synthesize or SynthConfig())
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     if output is not None:
         check_output_path(output, [model.path], force)
@@ -425,6 +476,12 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         taps = find_taps(model, scan_cfg.layers if isinstance(scan_cfg.layers, str) else list(scan_cfg.layers))
         if evidence is not None:
             evidence.load_trigger(preprocess)
+            evidence = resolve_evidence(model, evidence, source, preprocess, scan_cfg.provider, progress)
+            if evidence.synthesis is not None and evidence.trigger is None:
+                raise NoEvidenceError(
+                    "trigger synthesis suspects no target class: there is no evidence to prune by "
+                    f"({synthesis_verdict(evidence.synthesis)[1]})",
+                    hint="if you know the trigger, pass --trigger/--mask; the clamp needs no trigger")
         probe = Probe(model, taps, scan_cfg.stats, scan_cfg.provider)
         clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
         ev_stats = None
@@ -481,6 +538,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
             "verification": dataclasses.asdict(result),
             "output": None if output is None else str(output),
             "sweep": None if swept is None else swept.to_dict(),
+            "synthesis": None if evidence is None or evidence.synthesis is None else evidence.synthesis.to_dict(),
         },
     )
     return PruneResult(report=report, proto=pruned)
@@ -733,15 +791,23 @@ def sweep_model(model_path: str | os.PathLike | Model, calib: str | os.PathLike 
     """
     config = config or ScanConfig(layers="last")
     config.validate()
-    if evidence.trigger is None:
-        raise UsageError("the sweep measures a trigger's success: give --trigger/--mask (or --synthesize)")
+    if evidence.trigger is None and evidence.synthesize is None:
+        raise UsageError("the sweep measures a trigger's success: give --trigger/--mask or --synthesize")
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     preprocess = config.preprocess.resolve(model)
-    trigger = evidence.load_trigger(preprocess)
     if isinstance(calib, DataSource):
         source = calib
     else:
-        source = open_source(calib, preprocess, labelled=labels is None and Path(calib).is_dir(), limit=config.limit)
+        source = open_source(calib, preprocess, labelled=labels is None and Path(calib).is_dir(), limit=config.limit,
+                             input_name=model.input.name)
+    evidence = resolve_evidence(model, evidence, source, preprocess, config.provider, progress)
+    if evidence.trigger is None:
+        reason = synthesis_verdict(evidence.synthesis)[1]
+        raise NoEvidenceError(f"trigger synthesis suspects no target class ({reason})",
+                              hint="if you know the trigger, pass --trigger/--mask")
+    trigger = evidence.load_trigger(preprocess)
+    if evidence.synthesis is not None and target is None:
+        target = evidence.synthesis.suspected[0]
     labelled = source if labels is None else open_source(labels, preprocess, labelled=True, limit=config.limit)
     if not labelled.has_labels:
         raise CalibrationDataError("the sweep needs labelled data: pass --labels (an .npz with x and y, or a "

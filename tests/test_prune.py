@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 import onnx_linf.rewrite
 from onnx_linf.cli.app import app
 from onnx_linf.cli.exit_codes import ExitCode
-from onnx_linf.errors import UsageError, VerificationError
+from onnx_linf.errors import VerificationError
 from onnx_linf.pipeline import Evidence, PruneConfig, ScanConfig, prune
 
 runner = CliRunner()
@@ -54,12 +55,58 @@ def test_prune_with_trigger_writes_verified_model_and_keeps_input(fx, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers
 
 
-def test_prune_without_evidence_refuses_and_names_the_options(fx, tmp_path):
-    result = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "o.onnx")
-    assert result.exit_code == ExitCode.INPUT_ERROR
-    for option in ("--trigger", "--suspect", "--from-report", "--evidence none"):
-        assert option in result.stderr
+def fake_synthesis(suspected: tuple[int, ...], monkeypatch):
+    """Replace the (slow) trigger search by a fixed result: class 0's trigger is the real BadNets one."""
+    import onnx_linf.synthesize as synth
+    from onnx_linf.data import Preprocess, Trigger
+
+    fx_dir = Path(__file__).resolve().parent.parent / "fixtures"
+    real = Trigger.from_files(fx_dir / "digits_badnets_trigger.png", fx_dir / "digits_badnets_mask.png",
+                              Preprocess((16, 16), channels="L"))
+
+    def fake(model, source, preprocess, config=synth.SynthConfig(), **kw):
+        triggers = tuple(synth.ClassTrigger(c, real.mask[..., 0] if c == 0 else np.ones((16, 16), np.float32),
+                                            real.pattern, 9.0 if c == 0 else 60.0, 0.99, True, 100, 0.1)
+                         for c in range(10))
+        anomaly = {c: (5.0 if c in suspected else 0.0) for c in range(10)}
+        return synth.SynthResult(triggers, anomaly, suspected, config.threshold, 1000, 0.1, config)
+
+    monkeypatch.setattr(synth, "synthesize", fake)
+
+
+def test_prune_without_evidence_synthesizes(fx, tmp_path, monkeypatch):
+    fake_synthesis((0,), monkeypatch)
+    r = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "o.onnx", "--json", "-", "--limit", "64",
+               "-q")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["evidence"] == {"kind": "synthesized", "suspected": [0], "target": 0}
+    assert report["policy"]["score"] == "differential linf" and report["extra"]["synthesis"]["suspected"] == [0]
+
+
+def test_prune_when_synthesis_finds_nothing(fx, tmp_path, monkeypatch):
+    fake_synthesis((), monkeypatch)
+    r = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "o.onnx", "--limit", "32")
+    assert r.exit_code == ExitCode.INPUT_ERROR
+    assert "suspects no target class" in r.stderr and "--trigger" in r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(("suspected", "code", "verdict"), [((0,), ExitCode.SUSPECTED, "suspected"),
+                                                            ((), ExitCode.OK, "clean")])
+def test_scan_synthesize_fail_on_suspect_gate(fx, monkeypatch, suspected, code, verdict):
+    fake_synthesis(suspected, monkeypatch)
+    r = invoke("scan", fx.model, "--calib", fx.calib, "--synthesize", "--fail-on-suspect", "--json", "-",
+               "--limit", "32", "--layers", "last")
+    assert r.exit_code == code, r.stderr
+    report = json.loads(r.stdout)
+    assert report["verdict"] == verdict
+    assert f"verdict {verdict}" in r.stderr
+
+
+def test_fail_on_suspect_needs_synthesize(fx):
+    r = invoke("scan", fx.model, "--calib", fx.calib, "--fail-on-suspect")
+    assert r.exit_code == ExitCode.INPUT_ERROR and "--synthesize" in r.stderr
 
 
 def test_prune_evidence_none_is_explicit_clean_ranking(fx, tmp_path):
@@ -157,9 +204,7 @@ def test_evaluate_needs_labels(fx, tmp_path):
     assert r.exit_code == ExitCode.INPUT_ERROR and "has no labels" in r.stderr
 
 
-def test_library_prune_requires_evidence(fx):
-    with pytest.raises(UsageError, match="pruning needs trigger evidence"):
-        prune(fx.model, fx.calib)
+def test_library_prune_with_trigger(fx):
     cfg = PruneConfig(scan=ScanConfig(layers="last", ratio=0.1, limit=32))
     result = prune(fx.model, fx.calib, cfg, evidence=Evidence(trigger=fx.trigger, mask=fx.mask))
     assert result.report.extra["verification"]["ok"]

@@ -1,0 +1,121 @@
+"""``onnx-linf synthesize``: query-only trigger synthesis per class and the Neural Cleanse verdict."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from onnx_linf.data import open_source
+from onnx_linf.errors import UsageError
+from onnx_linf.load import load_model
+from onnx_linf.report import ModelInfo
+from onnx_linf.synthesize import SynthConfig, SynthResult, synthesize, write_triggers
+
+from . import options as o
+from .console import BarProgress, console, user_errors, write_json
+from .exit_codes import ExitCode
+
+
+def parse_classes(value: str | None) -> tuple[int, ...] | None:
+    """'0,3,7' -> (0, 3, 7); None -> None (every class)."""
+    if value is None:
+        return None
+    try:
+        classes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--classes takes comma-separated class indices, got {value!r}") from None
+    if not classes:
+        raise UsageError("--classes needs at least one class index")
+    return classes
+
+
+def synthesize_command(
+    model: o.ModelArg,
+    calib: o.CalibOpt,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for class_<c>/trigger.png, "
+                                                    "class_<c>/mask.png and summary.json.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Candidate target classes, comma-separated "
+                                                   "(default: all).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per class.")] = SynthConfig.steps,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same triggers.")] = 0,
+    max_queries: Annotated[Optional[int], typer.Option(help="Most image forward passes in total.")] = None,
+    time_limit: Annotated[Optional[float], typer.Option(help="Wall-clock limit in seconds; classes that "
+                                                        "do not fit are skipped.")] = None,
+    threshold: Annotated[float, typer.Option(help="Anomaly index above which a class with a small "
+                                             "trigger is suspected.")] = SynthConfig.threshold,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images each candidate trigger is "
+                                            "stamped on per optimiser step.")] = SynthConfig.batch,
+    provider: o.Provider = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="Use at most N calibration images "
+                                                 f"(default {SynthConfig.images}).")] = None,
+    size: o.Size = None,
+    layout: o.Layout = None,
+    channels: o.Channels = None,
+    scale: o.Scale = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
+    json_out: o.JsonOut = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Search the smallest trigger that sends clean images to each class, with forward passes only.
+
+    A backdoor target needs a far smaller trigger than the other classes: Neural Cleanse's anomaly
+    index (median/MAD of the per-class mask norms) above --threshold flags it. Each trigger's ℓ∞
+    evidence on the last activation map is reported alongside.
+    """
+    with user_errors():
+        config = SynthConfig(classes=parse_classes(classes), steps=steps, seed=seed, max_queries=max_queries,
+                             time_limit=time_limit, threshold=threshold, batch=batch_size,
+                             images=limit if limit is not None else SynthConfig.images)
+        config.validate()
+        m = load_model(model)
+        preprocess = o.preprocess_options(size, layout, channels, scale, mean, std).resolve(m)
+        source = open_source(calib, preprocess, limit=config.images)
+        result = synthesize(m, source, preprocess, config, provider=provider, progress=BarProgress(quiet))
+        if out_dir is not None:
+            write_triggers(result, out_dir)
+        report = dict(result.to_dict(), model=asdict(ModelInfo.of(m)), preprocess=preprocess.to_dict(),
+                      calibration={"source": source.description})
+        write_json(json_out, json.dumps(report, indent=2))
+    if not quiet:
+        console.print(triggers_table(result))
+        verdict_lines(result)
+        if out_dir is not None:
+            console.print(f"triggers written to [bold]{out_dir}[/]")
+    raise typer.Exit(ExitCode.OK)
+
+
+def triggers_table(result: SynthResult) -> Table:
+    """Per class: mask L1, ASR, where the search started, ℓ∞ concentration, anomaly index."""
+    table = Table(title=f"synthesized triggers ({len(result.triggers)} classes, {result.queries} queries, "
+                        f"{result.seconds:.1f} s)", title_justify="left")
+    for col in ("class", "mask L1", "ASR", "start", "ℓ∞ top share", "anomaly", ""):
+        table.add_column(col, justify="right" if col not in ("start", "") else "left")
+    for t in result.triggers:
+        index = result.anomaly.get(t.target, 0.0)
+        mark = "[bold red]suspected[/]" if t.target in result.suspected else ""
+        if not t.found:
+            mark = "[dim]not found[/]"
+        share = "" if t.concentration is None else f"{t.concentration:.2f}"
+        table.add_row(str(t.target), f"{t.mask_l1:.1f}", f"{t.asr:.2f}", t.start, share, f"{index:.2f}", mark)
+    return table
+
+
+def verdict_lines(result: SynthResult) -> None:
+    """The verdict in one line, plus what was skipped."""
+    if not result.complete:
+        console.print("[yellow]the query budget or time limit cut the search short: not every class "
+                      "was searched[/]")
+    if result.suspected:
+        worst = result.suspected[0]
+        console.print(f"[bold]verdict[/] [bold red]suspected[/]: target class(es) "
+                      f"{', '.join(map(str, result.suspected))} (anomaly index "
+                      f"{result.anomaly[worst]:.2f} > {result.threshold:g})")
+    else:
+        console.print(f"[bold]verdict[/] no class stands out (largest anomaly index "
+                      f"{max(result.anomaly.values(), default=0.0):.2f} <= {result.threshold:g})")

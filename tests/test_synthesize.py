@@ -1,0 +1,193 @@
+"""Query-only trigger synthesis: anomaly index, a planted trigger, determinism, budgets, files, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from onnx_linf.calibrate import Session, create_session
+from onnx_linf.cli.synthesize import synthesize_command
+from onnx_linf.data import ArraySource, FeedSource, Preprocess, Trigger
+from onnx_linf.errors import CalibrationDataError, UsageError
+from onnx_linf.load import load_model
+from onnx_linf.synthesize import SynthConfig, anomaly_index, synthesize, write_triggers
+
+import models
+
+# The planted trigger: a bright 2x2 patch at rows 5-6, cols 5-6 of an 8x8 grayscale image.
+PATCH = (slice(5, 7), slice(5, 7))
+TARGET = 2
+# Small budgets: the planted model is linear after one conv, so a few dozen steps find it.
+FAST = dict(steps=30, pairs=10, batch=8, eval_images=32, patch_steps=6, patch_windows=2, patch_samples=8,
+            evidence=False)
+
+
+def planted_model():
+    """input[N,1,8,8] -> Conv(2x2, 2 channels) -> Relu -> Flatten -> Gemm -> logits[N,3]
+
+    Channel 0 is the 2x2 mean filter, channel 1 copies the top-left pixel of each window. Logit 2 is
+    ``20 * mean(patch) - 15``: positive only when the 2x2 patch at (5, 5) is nearly white. Logits 0 and
+    1 are the mean of the left and right halves of the image, so clean images (pixels below 0.5) go
+    to class 0 or 1 and never to class 2.
+    """
+    g = models.GraphBuilder(11)
+    w = np.zeros((2, 1, 2, 2))
+    w[0] = 0.25
+    w[1, 0, 0, 0] = 1.0
+    conv = g.node("Conv", ["input", g.const("conv.w", w), g.const("conv.b", np.zeros(2))], "conv",
+                  kernel_shape=[2, 2])
+    relu = g.node("Relu", [conv], "relu")
+    flat = g.node("Flatten", [relu], "flatten", axis=1)
+    fc = np.zeros((3, 2, 7, 7))
+    fc[0, 1, :, :4] = 1.0 / 28
+    fc[1, 1, :, 4:] = 1.0 / 21
+    fc[2, 0, 5, 5] = 20.0
+    bias = np.array([0.0, 0.0, -15.0])
+    out = g.node("Gemm", [flat, g.const("fc.w", fc.reshape(3, -1)), g.const("fc.b", bias)], "fc", transB=1)
+    return g.model(["N", 1, 8, 8], out, ["N", 3])
+
+
+@pytest.fixture
+def planted(model_file, tmp_path):
+    model = load_model(model_file(planted_model(), "planted.onnx"))
+    pixels = np.random.default_rng(0).integers(0, 128, (96, 8, 8, 1), dtype=np.uint8)
+    path = tmp_path / "calib.npy"
+    np.save(path, pixels)
+    preprocess = Preprocess.from_model(model)
+    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess, path
+
+
+def test_anomaly_index_on_hand_made_norms():
+    norms = np.array([40.0, 42.0, 38.0, 41.0, 39.0, 5.0, 60.0])
+    index = anomaly_index(norms)
+    med = np.median(norms)
+    mad = np.median(np.abs(norms - med))
+    np.testing.assert_allclose(index, (med - norms) / (1.4826 * mad))
+    assert index[5] > 2 > index[6]  # small norm: positive (suspicious); large norm: negative
+    assert np.argmax(index) == 5
+    # Every norm equal but one: MAD is 0, floored, so the odd one gets a large finite index.
+    flat = anomaly_index(np.array([10.0, 10.0, 10.0, 10.0, 1.0]))
+    assert flat[:4].tolist() == [0.0] * 4 and np.isfinite(flat[4]) and flat[4] > 100
+    assert anomaly_index(np.array([3.0, 30.0])).tolist() == [0.0, 0.0]  # no median to deviate from
+    with pytest.raises(ValueError):
+        anomaly_index(np.array([1.0, np.nan, 2.0]))
+
+
+def test_finds_the_planted_trigger(planted):
+    model, source, preprocess, _ = planted
+    result = synthesize(model, source, preprocess, SynthConfig(classes=(TARGET,), **FAST), provider="cpu")
+    (t,) = result.triggers
+    assert t.found and t.asr >= 0.9
+    inside = t.mask[PATCH].sum()
+    assert inside >= 2.5, t.mask.round(2)  # the patch itself
+    assert t.mask_l1 - inside <= 2.0, t.mask.round(2)  # and hardly anything else
+    assert np.all(t.pattern[PATCH][t.mask[PATCH] > 0.5] > 200)  # bright where it matters
+    # The trigger stamps exactly as reported.
+    stamped = t.as_trigger().stamp(source.x)
+    logits = create_session(model, None, "cpu").run(None, preprocess.apply(stamped))[0]
+    assert (logits.argmax(axis=1) == TARGET).mean() >= 0.9
+
+
+def test_same_seed_same_triggers_and_different_seed_differs(planted):
+    model, source, preprocess, _ = planted
+    config = SynthConfig(classes=(0, TARGET), seed=3, **FAST)
+    a = synthesize(model, source, preprocess, config, provider="cpu")
+    b = synthesize(model, source, preprocess, config, provider="cpu")
+    for ta, tb in zip(a.triggers, b.triggers):
+        np.testing.assert_array_equal(ta.mask, tb.mask)
+        np.testing.assert_array_equal(ta.pattern, tb.pattern)
+        assert (ta.mask_l1, ta.asr, ta.queries) == (tb.mask_l1, tb.asr, tb.queries)
+    assert a.anomaly == b.anomaly and a.queries == b.queries
+    c = synthesize(model, source, preprocess, SynthConfig(classes=(0, TARGET), seed=4, **FAST), provider="cpu")
+    assert not np.array_equal(a.triggers[0].pattern, c.triggers[0].pattern)
+
+
+@pytest.mark.parametrize("budget", [5000, 12000])
+def test_query_budget_is_never_exceeded(planted, monkeypatch, budget):
+    model, source, preprocess, _ = planted
+    seen = []
+    run = Session.run
+
+    def counting(self, outputs, tensor, batch_level=()):
+        seen.append(int(tensor.shape[0]))
+        return run(self, outputs, tensor, batch_level)
+
+    # Count every image that reaches ONNX Runtime, through any session (search and ℓ∞ probe alike).
+    monkeypatch.setattr(Session, "run", counting)
+    config = SynthConfig(max_queries=budget, **dict(FAST, evidence=True))
+    result = synthesize(model, source, preprocess, config, provider="cpu")
+    assert sum(seen) == result.queries <= budget
+    assert sum(t.queries for t in result.triggers) <= result.queries
+    assert result.triggers  # the budget covered at least one class
+
+
+def test_budget_too_small_is_a_usage_error(planted):
+    model, source, preprocess, _ = planted
+    with pytest.raises(UsageError, match="max_queries"):
+        synthesize(model, source, preprocess, SynthConfig(max_queries=500, **FAST), provider="cpu")
+
+
+def test_time_limit_skips_classes_and_says_so(planted):
+    model, source, preprocess, _ = planted
+    result = synthesize(model, source, preprocess, SynthConfig(time_limit=1e-3, **FAST), provider="cpu")
+    assert not result.complete
+    assert result.seconds < 5
+
+
+def test_bad_inputs(planted):
+    model, _, preprocess, _ = planted
+    with pytest.raises(CalibrationDataError, match="pixel"):
+        synthesize(model, FeedSource([np.zeros((4, 1, 8, 8), np.float32)]), preprocess, SynthConfig(**FAST))
+    _, source, _, _ = planted
+    with pytest.raises(UsageError, match="out of range"):
+        synthesize(model, source, preprocess, SynthConfig(classes=(7,), **FAST), provider="cpu")
+    with pytest.raises(UsageError):
+        SynthConfig(asr=0.0).validate()
+
+
+def test_write_triggers_round_trips_through_trigger_files(planted, tmp_path):
+    model, source, preprocess, _ = planted
+    result = synthesize(model, source, preprocess, SynthConfig(classes=(TARGET,), **FAST), provider="cpu")
+    out = tmp_path / "out"
+    write_triggers(result, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"][0]["target"] == TARGET and summary["suspected"] == list(result.suspected)
+    loaded = Trigger.from_files(out / "class_2" / "trigger.png", out / "class_2" / "mask.png", preprocess)
+    t = result.triggers[0]
+    np.testing.assert_allclose(loaded.mask[..., 0], t.mask, atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(loaded.pattern, np.rint(t.pattern), atol=0)
+
+
+def test_cli_prints_the_table_and_writes_files(planted, tmp_path):
+    _, _, _, calib = planted
+    model_path = tmp_path / "planted.onnx"
+    app = typer.Typer()
+    app.command()(synthesize_command)
+    out = tmp_path / "triggers"
+    result = CliRunner().invoke(app, [str(model_path), "--calib", str(calib), "--classes", "0,2", "--steps", "20",
+                                      "-o", str(out), "--json", "-", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [c["target"] for c in report["classes"]] == [0, 2]
+    assert report["model"]["path"] == str(model_path)
+    assert (out / "class_0" / "mask.png").is_file() and (out / "summary.json").is_file()
+    assert "verdict" in result.stderr
+    bad = CliRunner().invoke(app, [str(model_path), "--calib", str(calib), "--classes", "x"])
+    assert bad.exit_code == 2 and "--classes" in bad.stderr
+
+
+def test_digits_fixture_smoke(fixtures_dir):
+    """A quick run on the real BadNets fixture: the target's trigger is found with a small mask."""
+    model = load_model(fixtures_dir / "digits_badnets.onnx")
+    preprocess = Preprocess.from_model(model)
+    source = ArraySource(fixtures_dir / "digits_test.npz", preprocess.size, preprocess.channels, limit=96)
+    result = synthesize(model, source, preprocess, SynthConfig(classes=(0,), steps=20, eval_images=32,
+                                                               evidence=True), provider="cpu")
+    (t,) = result.triggers
+    assert t.found and t.start == "patch"
+    assert t.mask_l1 < 20
+    assert t.concentration is not None and 0.0 < t.concentration <= 1.0
