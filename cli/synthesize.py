@@ -44,15 +44,16 @@ def synthesize_command(
     steps: Annotated[int, typer.Option(help="Optimiser steps per class.")] = SynthConfig.steps,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same triggers.")] = 0,
     max_queries: Annotated[Optional[int], typer.Option(help="Most image forward passes in total.")] = None,
-    time_limit: Annotated[Optional[float], typer.Option(help="Wall-clock limit in seconds; classes that "
-                                                        "do not fit are skipped.")] = None,
+    time_limit: Annotated[Optional[float], typer.Option(help="Wall-clock limit in seconds, shared equally "
+                                                        "by the classes; classes that would start after "
+                                                        "it are skipped.")] = None,
     threshold: Annotated[float, typer.Option(help="Anomaly index above which a class with a small "
                                              "trigger is suspected.")] = SynthConfig.threshold,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images each candidate trigger is "
                                             "stamped on per optimiser step.")] = SynthConfig.batch,
     provider: o.Provider = "auto",
-    limit: Annotated[Optional[int], typer.Option(help="Use at most N calibration images "
-                                                 f"(default {SynthConfig.images}).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use at most N calibration images, spread evenly "
+                                                 f"over the data (default {SynthConfig.images}).")] = None,
     size: o.Size = None,
     layout: o.Layout = None,
     channels: o.Channels = None,
@@ -75,7 +76,8 @@ def synthesize_command(
         config.validate()
         m = load_model(model)
         preprocess = o.preprocess_options(size, layout, channels, scale, mean, std).resolve(m)
-        source = open_source(calib, preprocess, limit=config.images)
+        # No limit here: the library spreads its `images` evenly over the source.
+        source = open_source(calib, preprocess)
         result = synthesize(m, source, preprocess, config, provider=provider, progress=BarProgress(quiet))
         if out_dir is not None:
             write_triggers(result, out_dir)

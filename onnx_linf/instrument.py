@@ -14,7 +14,7 @@ differential tests (`tests/test_instrument.py`) instead.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -36,6 +36,8 @@ TOPK_STATS = ("pos_top", "pos_bottom")
 IMAGE_STATS = ("img_max", "img_min")
 #: The whole activation, for tests and debugging only: shape [N, C, H, W].
 RAW = "raw"
+#: Statistics the ``pool`` method computes with global pools on ORT's blocked layout.
+POOLED_STATS = ("linf", "l1", "l2", "img_max", "chan_max")
 ALL_STATS = CHANNEL_STATS + POSITION_STATS + BATCH_STATS + TOPK_STATS + IMAGE_STATS + (RAW,)
 
 _PREFIX = "onnx_linf"
@@ -53,14 +55,38 @@ class TapOutput:
 
 @dataclass(frozen=True)
 class Instrumented:
-    """A model with reduction outputs added."""
+    """A model with reduction outputs added.
 
-    proto: onnx.ModelProto
-    """The instrumented model (the input model's proto is not modified)."""
+    It keeps the model's own proto (shared, not copied, and not modified) and only the part
+    `instrument` adds, because a copy of the weights held for the session's whole life is as
+    large as the model (+100 MB peak RSS on ResNet-50). `proto` builds the full model on demand;
+    `serialize` gives ONNX Runtime its bytes without that copy.
+    """
+
     outputs: dict[str, TapOutput]
     """Added graph output name -> (tap, statistic). Explicit, so nobody parses names."""
     original_outputs: tuple[str, ...]
     """Names of the model's own outputs (still present, first)."""
+    base: onnx.ModelProto = field(repr=False)
+    """The model's own proto."""
+    added: onnx.ModelProto = field(repr=False)
+    """Only the additions: a graph with the added nodes, initializers and outputs."""
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The instrumented model: `base` with the added nodes, initializers and outputs appended."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.base)
+        proto.MergeFrom(self.added)
+        return proto
+
+    def serialize(self) -> bytes:
+        """Serialized `proto`, built without a second copy of the weights.
+
+        Protobuf parsers merge a message field that occurs twice and append repeated fields, so
+        the base model's bytes followed by the additions' bytes parse as exactly `proto`.
+        """
+        return self.base.SerializeToString() + self.added.SerializeToString()
 
     def output_names(self) -> list[str]:
         """Added output names, in graph order."""
@@ -75,6 +101,9 @@ class _Builder:
         self.topk = topk
         self.initializers: list[TensorProto] = []
         self._axes: dict[tuple[int, ...], str] = {}
+        self._consts: set[str] = set()
+        self._dynamic_hw: dict[str, str] = {}
+        self.nodes: list[onnx.NodeProto] = []
         self.counter = 0
 
     def uid(self, base: str) -> str:
@@ -111,6 +140,125 @@ class _Builder:
             helper.make_node("TopK", [x, k], [out, idx], axis=0, largest=int(largest), sorted=0,
                              name=self.uid("TopK")),
         ]
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        """A shared initializer (created once per name)."""
+        full = f"{_PREFIX}/{name}"
+        if full not in self._consts:
+            self.initializers.append(numpy_helper.from_array(value, full))
+            self._consts.add(full)
+        return full
+
+    def node(self, op: str, inputs: list[str], base: str, out: str | None = None, **attrs) -> str:
+        out = out or self.uid(base)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.uid(op), **attrs))
+        return out
+
+    def spatial_size(self, tap: Tap) -> str:
+        """H*W of the tap as a float32 scalar: a constant when static, else computed from its shape."""
+        if tap.static_spatial:
+            h, w = tap.spatial
+            return self.const(f"hw_{h}x{w}", np.array(float(h * w), dtype=np.float32))
+        if tap.name in self._dynamic_hw:
+            return self._dynamic_hw[tap.name]
+        shape = self.node("Shape", [tap.name], "shape")
+        hw = self.node("Slice", [shape, self.const("two1", np.array([2], np.int64)),
+                                 self.const("four1", np.array([4], np.int64))], "hw")
+        # ReduceProd without axes reduces everything, in every opset (no axes attribute/input needed).
+        prod = self.node("ReduceProd", [hw], "hw_prod", keepdims=0)
+        self._dynamic_hw[tap.name] = self.node("Cast", [prod], "hw_f", to=TensorProto.FLOAT)
+        return self._dynamic_hw[tap.name]
+
+    def spatial_mean(self, tap: Tap, t: str) -> tuple[str, str]:
+        """Per-channel mean of `t` over H, W as [N, C, 1, 1], and the float32 factor that turns
+        it into the sum.
+
+        Maps of dynamic size get one GlobalAveragePool (the block size must be known).
+
+        Why two levels: ORT's pools and Reduce* kernels add a channel's H*W values one after the
+        other in float32, so the rounding error grows with H*W (measured: 4e-5 relative on a
+        56x56 map of MobileNetV2, against 2e-7 for numpy's pairwise sum). An AveragePool over
+        k x k blocks first (k a power of two, so its 1/k^2 is exact; zero padding counted, so
+        sums are unchanged) cuts the longest run of additions from H*W to max(k^2, H*W/k^2) at
+        the same cost: one read of the map, and a write k^2 times smaller.
+        """
+        if not tap.static_spatial:
+            return self.node("GlobalAveragePool", [t], "gap"), self.spatial_size(tap)
+        h, w = tap.spatial
+        k = _block_size(h * w)
+        if k == 1:
+            return self.node("GlobalAveragePool", [t], "gap"), self.spatial_size(tap)
+        ph, pw = -h % k, -w % k
+        blocks = self.node("AveragePool", [t], "blocks", kernel_shape=[k, k], strides=[k, k],
+                           pads=[0, 0, ph, pw], count_include_pad=1)
+        factor = k * k * ((h + ph) // k) * ((w + pw) // k)
+        return (self.node("GlobalAveragePool", [blocks], "gap"),
+                self.const(f"sum_{factor}", np.array(float(factor), dtype=np.float32)))
+
+    def pooled_nodes(self, tap: Tap, outs: Mapping[str, str]) -> list[onnx.NodeProto]:
+        """ℓ∞/ℓ1/ℓ2 (and ``img_max``/``chan_max``) of one tap, computed with pooling ops.
+
+        Why pools instead of ReduceMax/ReduceL1/ReduceL2: ORT keeps conv outputs in its blocked
+        NCHWc layout. GlobalMaxPool, (Global)AveragePool, Relu, Mul(x, x) and depthwise Convs
+        run on that layout directly, while a Reduce* (or Abs, Neg, Sub, Max) makes ORT reorder
+        its whole input back to NCHW first: a full copy per tapped map before the first
+        statistic. Here only the [N, C, 1, 1] results are reordered. The identities used are
+        exact up to float rounding:
+
+        * non-negative x (after Relu, ...): ℓ∞ = GMP(x), ℓ1 = sum(x);
+        * signed x, ℓ∞ and ℓ1 without ℓ2: with q = max(-x, 0) (see below), ℓ∞ = max(GMP(x), GMP(q))
+          and ℓ1 = sum(x) + 2*sum(q), since |x| = x + 2*max(-x, 0);
+        * signed x otherwise: ℓ∞ = sqrt(GMP(x*x)) (x*x is shared with ℓ2; relative error ~1e-7
+          for 1e-19 < |x| < 1e19) and ℓ1 = 2*sum(Relu(x)) - sum(x), since |x| = 2*Relu(x) - x;
+        * any x: ℓ2 = sqrt(sum(x*x)).
+
+        Sums come from `spatial_mean` (pairwise enough to stay within 1e-5 relative of numpy
+        on float64, where ORT's sequential float32 sums are not).
+        """
+        self.nodes = []
+        x = tap.name
+        # Flatten keeps [N, C] whatever the batch size is (a Reshape to a constant shape would not).
+        flat = lambda t, out=None: self.node("Flatten", [t], "flat", out, axis=1)  # noqa: E731
+        want = set(outs)
+        signed = not tap.non_negative
+        # For a signed map, max(-x, 0) from a 1x1 depthwise Conv with weight -1 and a fused Relu
+        # (exact, and run blocked like a Relu) serves ℓ∞ and ℓ1 in one pass. With ℓ2 requested
+        # too, x*x (needed anyway) gives ℓ∞ and Relu(x) gives ℓ1: one pass fewer in total.
+        neg = None
+        if signed and {"linf", "l1"} <= want and "l2" not in want:
+            c = tap.channels
+            weight = self.const(f"neg_{c}", np.full((c, 1, 1, 1), -1.0, dtype=np.float32))
+            neg = self.node("Relu", [self.node("Conv", [x, weight], "negx", group=c, kernel_shape=[1, 1])], "neg")
+        sq = self.node("Mul", [x, x], "sq") if "l2" in want or ("linf" in want and signed and neg is None) else None
+        gmp = self.node("GlobalMaxPool", [x], "gmp") if {"img_max", "chan_max"} & want or (
+            "linf" in want and (not signed or neg is not None)) else None
+        if "linf" in outs:
+            if not signed:
+                flat(gmp, outs["linf"])
+            elif neg is not None:
+                flat(self.node("Max", [gmp, self.node("GlobalMaxPool", [neg], "gmp_neg")], "gmp_abs"), outs["linf"])
+            else:
+                self.node("Sqrt", [flat(self.node("GlobalMaxPool", [sq], "gmp_sq"))], "linf", outs["linf"])
+        if "img_max" in outs:
+            flat(gmp, outs["img_max"])
+        if "chan_max" in outs:
+            self.nodes.append(self.reduce("ReduceMax", flat(gmp), (0,), outs["chan_max"]))
+        if "l1" in outs:
+            mean, scale = self.spatial_mean(tap, x)
+            if neg is not None:
+                # mean |x| = mean(x) + 2 * mean(max(-x, 0))
+                m_neg, _ = self.spatial_mean(tap, neg)
+                mean = self.node("Sum", [mean, m_neg, m_neg], "mean_abs")
+            elif signed:
+                # mean |x| = 2 * mean(relu(x)) - mean(x)
+                pos, _ = self.spatial_mean(tap, self.node("Relu", [x], "pos"))
+                mean = self.node("Sub", [self.node("Add", [pos, pos], "pos2"), mean], "mean_abs")
+            self.node("Mul", [flat(mean), scale], "l1", outs["l1"])
+        if "l2" in outs:
+            mean, scale = self.spatial_mean(tap, sq)
+            self.node("Sqrt", [self.node("Mul", [flat(mean), scale], "sumsq")], "l2", outs["l2"])
+        nodes, self.nodes = self.nodes, []
+        return nodes
 
     def nodes_for(self, tap: Tap, stat: str, out: str) -> list[onnx.NodeProto]:
         x = tap.name
@@ -149,6 +297,8 @@ def instrument(
     stats: Iterable[str] = CHANNEL_STATS,
     per_tap_stats: dict[str, Sequence[str]] | None = None,
     topk: int = 1,
+    *,
+    method: str = "pool",
 ) -> Instrumented:
     """Return a copy of the model with per-tap reductions as extra outputs.
 
@@ -158,13 +308,17 @@ def instrument(
         stats: statistics for every tap (see `ALL_STATS`).
         per_tap_stats: optional extra statistics for individual taps, by tap name.
         topk: k of the ``pos_top`` / ``pos_bottom`` statistics.
+        method: ``pool`` (default) computes ℓ∞/ℓ1/ℓ2, ``img_max`` and ``chan_max`` with global
+            pools that run on ORT's blocked conv layout (see `_Builder.pooled_nodes`); ``reduce``
+            uses ReduceMax/ReduceL1/ReduceL2 on the NCHW map (the straightforward form, kept as
+            the reference the benchmark compares against). Both give the same values.
 
     Returns:
         The instrumented model and the map from each added output to (tap, statistic).
     """
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
+    if method not in ("pool", "reduce"):
+        raise ValueError(f"unknown method {method!r}: use pool or reduce")
+    delta = onnx.ModelProto()
     builder = _Builder(model.opset, topk)
     stats = tuple(stats)
     for s in stats:
@@ -174,30 +328,24 @@ def instrument(
     added: dict[str, TapOutput] = {}
     inserts: dict[int, list[onnx.NodeProto]] = {}
     value_infos: list[onnx.ValueInfoProto] = []
-    producer_of = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    producer_of = {out: i for i, node in enumerate(model.proto.graph.node) for out in node.output}
     for tap_index, tap in enumerate(taps):
         wanted = list(stats) + [s for s in (per_tap_stats or {}).get(tap.name, ()) if s not in stats]
+        pooled = {s: f"{_PREFIX}/{tap_index}/{s}" for s in wanted if s in POOLED_STATS} if method == "pool" else {}
+        nodes = builder.pooled_nodes(tap, pooled) if pooled else []
         for stat in wanted:
             out = f"{_PREFIX}/{tap_index}/{stat}"
-            nodes = builder.nodes_for(tap, stat, out)
-            inserts.setdefault(producer_of[tap.name], []).extend(nodes)
+            if stat not in pooled:
+                nodes.extend(builder.nodes_for(tap, stat, out))
             added[out] = TapOutput(tap.name, stat)
             value_infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+        inserts.setdefault(producer_of[tap.name], []).extend(nodes)
 
-    # Place each reduction right after the node producing its tap. ONNX Runtime schedules nodes by
-    # a reverse DFS from the outputs that favours later node indices: appended reductions would all
-    # run after the last conv and keep every tapped activation alive to the end (measured: twice
-    # the peak memory on ResNet-50). Next to the producer, the activation can be freed early.
-    new_nodes: list[onnx.NodeProto] = []
-    for i, node in enumerate(graph.node):
-        new_nodes.append(node)
-        new_nodes.extend(inserts.get(i, []))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(builder.initializers)
-    graph.output.extend(value_infos)
-    return Instrumented(proto=proto, outputs=added,
-                        original_outputs=tuple(o.name for o in model.proto.graph.output))
+    _append_by_tap(delta.graph, inserts)
+    delta.graph.initializer.extend(builder.initializers)
+    delta.graph.output.extend(value_infos)
+    return Instrumented(outputs=added, original_outputs=tuple(o.name for o in model.proto.graph.output),
+                        base=model.proto, added=delta)
 
 
 def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> Instrumented:
@@ -211,11 +359,9 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
         model: the loaded model.
         bounds: tap name -> (hi, lo) arrays broadcastable to [C, H, W]; lo may be None.
     """
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    graph = proto.graph
+    delta = onnx.ModelProto()
     builder = _Builder(model.opset)
-    producer_of = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    producer_of = {out: i for i, node in enumerate(model.proto.graph.node) for out in node.output}
     inserts: dict[int, list[onnx.NodeProto]] = {}
     added: dict[str, TapOutput] = {}
     value_infos = []
@@ -245,13 +391,32 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
         for name, stat in ((frac, "excess_frac"), (mx, "excess_max")):
             added[name] = TapOutput(tap, stat)
             value_infos.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    new_nodes: list[onnx.NodeProto] = []
-    for i, node in enumerate(graph.node):
-        new_nodes.append(node)
-        new_nodes.extend(inserts.get(i, []))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(builder.initializers)
-    graph.output.extend(value_infos)
-    return Instrumented(proto=proto, outputs=added,
-                        original_outputs=tuple(o.name for o in model.proto.graph.output))
+    _append_by_tap(delta.graph, inserts)
+    delta.graph.initializer.extend(builder.initializers)
+    delta.graph.output.extend(value_infos)
+    return Instrumented(outputs=added, original_outputs=tuple(o.name for o in model.proto.graph.output),
+                        base=model.proto, added=delta)
+
+
+def _block_size(area: int) -> int:
+    """Side k of the blocks `spatial_mean` pre-sums (1: none): about area**(1/4), a power of two."""
+    if area <= 256:
+        return 1
+    return min(32, max(4, 2 ** round(np.log2(area) / 4)))
+
+
+def _append_by_tap(graph: onnx.GraphProto, inserts: Mapping[int, Sequence[onnx.NodeProto]]) -> None:
+    """Append the added nodes (after the model's own, see `Instrumented`), the last tap's first.
+
+    Why this order: ONNX Runtime's default execution order is a reverse DFS from the graph's leaf
+    nodes (those without consumers), starting from the *highest node index*. If the model's own
+    output node has the highest index, the DFS emits the whole backbone first and every reduction
+    only after the last conv, so every tapped map stays alive to the end of the run. With the
+    reductions last and the first tap's highest, the DFS starts at the first tap's reductions,
+    then the second tap's (emitting only the layers between), and so on: each map's reductions
+    run right after its producer and the map is freed as in plain inference. Inserting the nodes
+    next to their producers in the file does not do this (the model's output node still has the
+    highest index); the ORT profiler shows the order (see ``tests/test_perf_paths.py``).
+    """
+    for producer in sorted(inserts, reverse=True):
+        graph.node.extend(inserts[producer])

@@ -12,6 +12,23 @@ fitness shaping and Adam on the resulting gradient estimate. One optimiser step 
 ``(2 * pairs + 1) * batch`` images (every perturbed trigger, plus the unperturbed one, stamped on the
 same image batch so the images' own variance cancels out of the comparison).
 
+Per model, then per class:
+
+1. *patch scan* (once, shared by all classes): random black-and-white patterns in square windows
+   at half-window strides; a backdoored model answers a partial trigger in the right place with
+   its target already, which localises patch triggers before any class-specific query;
+2. *patch search*: NES on the full-resolution pattern inside the class's best windows; a window
+   whose pattern sends the images to the class becomes the start of step 3;
+3. *main search*: NES on mask and pattern with Neural Cleanse's loss ``CE + lambda * mean(mask)``
+   and an adaptive lambda, from the patch or from a half-opaque mask everywhere (what finds
+   spread-out, blended triggers);
+4. *validation*: the smallest mask the search kept is re-checked on held-out images with rounded
+   uint8 stamping (what `ClassTrigger.as_trigger` produces), by binary search over its snapshots;
+5. *pruning*: greedy removal of mask cells the attack does not need, re-validated;
+6. *ℓ∞ evidence*: the share of the trigger's positive differential ℓ∞ on the last activation map
+   held by its top channels (reported, not part of the verdict: on the digits fixtures natural
+   triggers of clean classes concentrate about as much as the backdoor's, 0.19-0.37 vs 0.27-0.37).
+
 Parameterisation (the low-dimensional search space):
 
 * mask: logits on a grid of at most `SynthConfig.mask_grid` cells per side, nearest-upsampled;
@@ -25,6 +42,7 @@ Everything here is numpy + onnxruntime; nothing needs a gradient framework.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -37,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from .calibrate import Progress, Session, create_session
-from .data import Batch, DataSource, Preprocess, Trigger
+from .data import ArraySource, Batch, DataSource, ImageFolder, Preprocess, Trigger
 from .errors import CalibrationDataError, UsageError
 from .files import atomic_write, atomic_write_text
 from .load import Model
@@ -72,8 +90,10 @@ _PRUNE_IMAGES = 64
 _FAINT = 0.1
 # Mask logits of a patch start: inside the window nearly opaque, outside nearly transparent.
 _INSIDE_LOGIT, _OUTSIDE_LOGIT = 3.0, -4.0
-# Images per ORT call for evaluation-only passes (memory bound, not a tuning knob).
+# Images per ORT call for evaluation-only passes, and input bytes per call at most (memory bounds,
+# not tuning knobs).
 _EVAL_CHUNK = 256
+_CALL_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -115,7 +135,8 @@ class SynthConfig:
     """Calibration images (not predicted as the target) the final ASR is measured on, kept apart from
     the images the search steps on when the calibration set is large enough."""
     images: int = 512
-    """At most this many calibration images are read from the source."""
+    """At most this many calibration images are read from the source (evenly spread over image
+    folders and array files larger than that)."""
     mask_grid: int = 16
     """Mask logits live on a grid of at most this many cells per side (nearest-upsampled)."""
     pattern_grid: int = 32
@@ -343,8 +364,7 @@ class _Oracle:
         self.ceiling: int | None = None
         """Temporary cap on `queries` for one phase (pruning), on top of the budget."""
         self.probabilities = False
-        # Models with a static batch dimension take exactly that many images per call.
-        self.chunk = session.fixed_batch or _EVAL_CHUNK * 4
+        """True when the model outputs probabilities (rows of non-negative values summing to 1)."""
 
     def remaining(self) -> float:
         """Queries left (inf without a budget)."""
@@ -367,9 +387,12 @@ class _Oracle:
         n = int(pixels.shape[0])
         if not self.affordable(n):
             raise _OutOfBudget
+        # Models with a static batch dimension take exactly that many images per call; others get
+        # chunks of about _CALL_BYTES of input, so large images do not blow up memory.
+        chunk = self.session.fixed_batch or max(1, min(1024, _CALL_BYTES // max(1, pixels[0].size * 4)))
         outs = []
-        for i in range(0, n, self.chunk):
-            tensor = self.preprocess.apply(pixels[i:i + self.chunk])
+        for i in range(0, n, chunk):
+            tensor = self.preprocess.apply(pixels[i:i + chunk])
             out = self.session.run([self.output], tensor)[0]
             outs.append(np.asarray(out, dtype=np.float64).reshape(out.shape[0], -1))
         self.queries += n
@@ -457,6 +480,38 @@ def _stamp(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndar
     m = mask[:, None, :, :, None]
     out = (1.0 - m) * images[None] + (m * pattern[:, None])
     return out.reshape((-1,) + images.shape[1:]).astype(np.float32, copy=False)
+
+
+class _Adam:
+    """Adam on a gradient *estimate* (Kingma & Ba's defaults): per-coordinate step sizes make the
+    noisy NES estimate usable without tuning a learning rate per parameter group."""
+
+    def __init__(self, dim: int, lr: float) -> None:
+        self.m1 = np.zeros(dim)
+        self.m2 = np.zeros(dim)
+        self.lr = lr
+        self.t = 0
+
+    def step(self, theta: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """One descent step of `theta` along `grad`; returns the new parameters."""
+        self.t += 1
+        self.m1 = 0.9 * self.m1 + 0.1 * grad
+        self.m2 = 0.999 * self.m2 + 0.001 * grad * grad
+        m1 = self.m1 / (1 - 0.9 ** self.t)
+        m2 = self.m2 / (1 - 0.999 ** self.t)
+        return theta - self.lr * m1 / (np.sqrt(m2) + 1e-8)
+
+
+def _nes_gradient(losses: np.ndarray, eps: np.ndarray, sigma: float) -> np.ndarray:
+    """Antithetic NES estimate of the gradient of the Gaussian-smoothed loss, on centred ranks.
+
+    `losses` holds the ``2 * pairs`` losses of ``theta + sigma * eps`` then ``theta - sigma * eps``.
+    Ranks make the estimate invariant to the loss's scale, so one schedule fits cross-entropies of
+    0.001 and of 20.
+    """
+    pairs = eps.shape[0]
+    r = _centered_ranks(losses)
+    return ((r[:pairs] - r[pairs:])[:, None] * eps).sum(axis=0) / (pairs * sigma)
 
 
 def _centered_ranks(values: np.ndarray) -> np.ndarray:
@@ -554,8 +609,6 @@ def _patch_scan(oracle: _Oracle, pool: np.ndarray, sizes: Sequence[int], config:
             p[:, win.size * win.size:] = rng.normal(0.0, 2.0, (config.patch_samples, c))
             p[::2, win.size * win.size:] = 0.0
         params.append(p)
-    score = np.empty((len(windows), 0))
-    best = np.empty((len(windows), 0), dtype=np.int64)
     # Chunks of windows per ORT call keep memory bounded on large inputs.
     per_call = max(1, _EVAL_CHUNK * 4 // (config.patch_samples * len(images)))
     scores, bests = [], []
@@ -594,7 +647,7 @@ def _patch_search(oracle: _Oracle, scan: _Scan, target: int, train: np.ndarray, 
     top = np.argsort(-scan.score[:, target], kind="stable")[:config.patch_windows]
     windows = [scan.windows[i] for i in top]
     thetas = [scan.logits[i][scan.best[i, target]] * 0.5 for i in top]  # +-2: room to move
-    moments = [(np.zeros_like(t), np.zeros_like(t)) for t in thetas]
+    optims = [_Adam(t.size, config.lr) for t in thetas]
     pairs = max(1, config.pairs // 2)
     batch = min(config.batch, len(train))
     ema_loss = np.zeros(len(windows))
@@ -614,14 +667,7 @@ def _patch_search(oracle: _Oracle, scan: _Scan, target: int, train: np.ndarray, 
         logp = logp.reshape(len(windows), 2 * pairs + 1, batch, -1)
         for k in range(len(windows)):
             ce = -logp[k, :, :, target].mean(axis=1)
-            r = _centered_ranks(ce[:-1])
-            grad = ((r[:pairs] - r[pairs:])[:, None] * epss[k]).sum(axis=0) / (pairs * config.sigma)
-            m1, m2 = moments[k]
-            m1 = 0.9 * m1 + 0.1 * grad
-            m2 = 0.999 * m2 + 0.001 * grad * grad
-            moments[k] = (m1, m2)
-            thetas[k] = thetas[k] - config.lr * (m1 / (1 - 0.9 ** (step + 1))) / (
-                np.sqrt(m2 / (1 - 0.999 ** (step + 1))) + 1e-8)
+            thetas[k] = optims[k].step(thetas[k], _nes_gradient(ce[:-1], epss[k], config.sigma))
             success = float((logp[k, -1].argmax(axis=1) == target).mean())
             first = step == 0
             ema_loss[k] = ce[-1] if first else (1 - _EMA) * ema_loss[k] + _EMA * ce[-1]
@@ -664,8 +710,7 @@ def _search(oracle: _Oracle, space: _Space, target: int, train: np.ndarray, conf
     """NES on one class; returns (snapshots [(l1, theta)], fallback theta, steps run)."""
     rng = np.random.default_rng([config.seed, target])
     theta = space.initial(config.mask_init) if init is None else init.copy()
-    m1 = np.zeros_like(theta)
-    m2 = np.zeros_like(theta)
+    adam = _Adam(theta.size, config.lr)
     lam, started = config.lambda_init, False
     ups = downs = 0
     ema = 0.0
@@ -692,14 +737,9 @@ def _search(oracle: _Oracle, space: _Space, target: int, train: np.ndarray, conf
         steps += 1
         ce = -logp[..., target].mean(axis=1)
         mean_mask = masks.reshape(len(cand), -1).mean(axis=1)
+        # Neural Cleanse's loss; no size term until the attack first succeeds (NC starts at cost 0).
         loss = ce + (lam if started else 0.0) * mean_mask
-        # Antithetic NES estimate of the gradient of the smoothed loss, on centred ranks: invariant
-        # to the loss's scale, so one lambda schedule fits CE values of 0.001 and of 20.
-        r = _centered_ranks(loss[:-1])
-        grad = ((r[:p] - r[p:])[:, None] * eps).sum(axis=0) / (p * config.sigma)
-        m1 = 0.9 * m1 + 0.1 * grad
-        m2 = 0.999 * m2 + 0.001 * grad * grad
-        theta = theta - config.lr * (m1 / (1 - 0.9 ** (step + 1))) / (np.sqrt(m2 / (1 - 0.999 ** (step + 1))) + 1e-8)
+        theta = adam.step(theta, _nes_gradient(loss[:-1], eps, config.sigma))
         # The unperturbed trigger (last candidate) is the one we would report: track its success.
         asr_now = float((logp[-1].argmax(axis=1) == target).mean())
         ema = asr_now if step == 0 else (1 - _EMA) * ema + _EMA * asr_now
@@ -762,7 +802,9 @@ def _validate(oracle: _Oracle, space: _Space, target: int, evals: np.ndarray, sn
         if best is not None:
             return ordered[best][1], cache[best], True
         if used < max_validations:
-            return fallback, asr_of(fallback), False
+            # The trigger that came closest: it may still pass on the validation images.
+            value = asr_of(fallback)
+            return fallback, value, value >= config.asr
     except _OutOfBudget:
         if best is not None:
             return ordered[best][1], cache[best], True
@@ -869,10 +911,27 @@ class _PixelSource(DataSource):
 
 
 def _read_pool(source: DataSource, limit: int) -> np.ndarray:
+    """Up to `limit` calibration images, spread evenly over the source when it is larger.
+
+    Evenly, not the first `limit`: an ImageFolder-style tree lists its files class by class, and a
+    pool drawn from the first classes only would make every other class look easy to reach.
+    """
     if not source.has_pixels:
         raise CalibrationDataError(
             "trigger synthesis needs pixel calibration data (images or uint8 arrays), not preprocessed "
             "float arrays", hint="give a folder of images or a uint8 .npy/.npz")
+    if len(source) > limit:
+        keep = np.linspace(0, len(source) - 1, limit).round().astype(int)
+        if isinstance(source, ImageFolder):
+            sub = copy.copy(source)
+            sub.files = [source.files[i] for i in keep]
+            sub.labels = None if source.labels is None else [source.labels[i] for i in keep]
+            source = sub
+        elif isinstance(source, ArraySource):
+            sub = copy.copy(source)
+            sub.x = source.x[keep]
+            sub.y = None if source.y is None else source.y[keep]
+            source = sub
     chunks, n = [], 0
     gen = source.batches(min(64, limit))
     try:

@@ -191,3 +191,23 @@ def test_digits_fixture_smoke(fixtures_dir):
     assert t.found and t.start == "patch"
     assert t.mask_l1 < 20
     assert t.concentration is not None and 0.0 < t.concentration <= 1.0
+
+
+def test_calibration_pool_is_spread_over_the_source(tmp_path):
+    from PIL import Image
+
+    from onnx_linf.data import ImageFolder
+    from onnx_linf.synthesize import _read_pool
+
+    # Image i is filled with the value i: which images were read is visible in the pixels.
+    x = np.repeat(np.arange(100, dtype=np.uint8), 4 * 4).reshape(100, 4, 4, 1)
+    np.save(tmp_path / "x.npy", x)
+    pool = _read_pool(ArraySource(tmp_path / "x.npy"), 10)
+    assert pool[:, 0, 0, 0].tolist() == np.linspace(0, 99, 10).round().astype(int).tolist()
+    # A class-per-folder tree lists class 0 first: the pool must still reach the last class.
+    for k in range(4):
+        (tmp_path / "tree" / f"c{k}").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((4, 4), 10 * k + i, np.uint8)).save(tmp_path / "tree" / f"c{k}" / f"{i}.png")
+    pool = _read_pool(ImageFolder(tmp_path / "tree", (4, 4), "L"), 4)
+    assert sorted({int(v) // 10 for v in pool[:, 0, 0, 0]}) == [0, 1, 2, 3]
