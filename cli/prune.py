@@ -87,12 +87,13 @@ def prune_command(
             synthesize=o.synth_config(classes, seed, max_queries, time_limit),
         )
         evidence = None
-        if trigger is not None or suspect is not None or mask is not None:
-            if synthesize:
-                raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
-            evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
-        elif synthesize:
+        if synthesize:
+            # The synthesized trigger ranks the channels; a --trigger given too only measures the ASR.
+            if suspect is not None:
+                raise UsageError("--synthesize searches its own trigger: drop --suspect")
             evidence = Evidence(synthesize=config.synthesize)
+        elif trigger is not None or suspect is not None or mask is not None:
+            evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
         if eval_data is not None and (trigger is None or target is None):
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
         if target is not None and eval_data is None and max_acc_drop is None:
