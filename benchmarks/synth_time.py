@@ -54,9 +54,10 @@ def _real_mask(path: Path | None) -> np.ndarray | None:
 
 
 def overlap(synthetic: np.ndarray, real: np.ndarray) -> tuple[float, float]:
-    """(share of the synthetic mask's ℓ1 inside the real mask, IoU of both masks thresholded at 0.5)."""
-    inside = float((synthetic * (real > 0.5)).sum() / max(synthetic.sum(), 1e-12))
-    a, b = synthetic > 0.5, real > 0.5
+    """(share of the synthetic mask's ℓ1 on the real mask's support, IoU of the synthetic mask above
+    0.5 with that support). A blended trigger's support is the whole image."""
+    inside = float((synthetic * (real > 0)).sum() / max(synthetic.sum(), 1e-12))
+    a, b = synthetic > 0.5, real > 0
     iou = float((a & b).sum() / max((a | b).sum(), 1))
     return inside, iou
 
@@ -108,12 +109,13 @@ def table(name: str, result: SynthResult, target: int | None, real: np.ndarray |
     if target is not None and real is not None and any(t.target == target for t in result.triggers):
         mask = result.trigger(target).mask
         inside, iou = overlap(mask, real)
-        rows, cols = np.nonzero(mask > 0.5)
-        where = f"rows {rows.min()}-{rows.max()}, cols {cols.min()}-{cols.max()}" if rows.size else "empty"
-        rr, rc = np.nonzero(real > 0.5)
-        lines += ["", f"Synthetic mask of the target class {target} (pixels > 0.5 at {where}) vs the real "
-                      f"trigger mask (rows {rr.min()}-{rr.max()}, cols {rc.min()}-{rc.max()}): {inside:.0%} of "
-                      f"its ℓ1 inside the real mask, IoU {iou:.2f}."]
+        def where(m: np.ndarray) -> str:
+            rows, cols = np.nonzero(m)
+            return f"rows {rows.min()}-{rows.max()}, cols {cols.min()}-{cols.max()}" if rows.size else "empty"
+
+        lines += ["", f"Synthetic mask of the target class {target} (pixels > 0.5 at {where(mask > 0.5)}) vs "
+                      f"the real trigger mask ({where(real > 0)}): {inside:.0%} of its ℓ1 on the real mask, "
+                      f"IoU {iou:.2f}."]
         if moved is not None:
             lines += [f"The real trigger pasted at the synthetic mask's top-left corner: ASR {moved:.2f}."]
     return lines + [""]

@@ -265,7 +265,8 @@ class SynthResult:
     """Class -> anomaly index ``|norm - median| / (1.4826 * MAD)``, signed: positive when the class's
     norm is *below* the median (the suspicious side)."""
     suspected: tuple[int, ...]
-    """Classes whose anomaly index exceeds `threshold` on the small side, most anomalous first."""
+    """Classes whose anomaly index exceeds `threshold` on the small side, most anomalous first.
+    Always empty when fewer than 3 classes were searched (no median to stand out from)."""
     threshold: float
     """Anomaly index threshold used."""
     queries: int
@@ -1152,7 +1153,8 @@ def _png_writer(array: np.ndarray):
 def write_triggers(result: SynthResult, out_dir: str | Path) -> None:
     """Write ``class_<c>/trigger.png``, ``class_<c>/mask.png`` per class and ``summary.json``.
 
-    The PNGs load back with `Trigger.from_files` (pattern in L or RGB, mask in L: 255 = trigger).
+    The PNGs load back with `Trigger.from_files` (pattern in L or RGB, mask in L: 255 = trigger) and
+    stamp like `ClassTrigger.as_trigger` up to the mask's rounding to 1/255.
     Every file is written atomically.
 
     Args:
@@ -1164,8 +1166,11 @@ def write_triggers(result: SynthResult, out_dir: str | Path) -> None:
     for t in result.triggers:
         folder = out / f"class_{t.target}"
         folder.mkdir(exist_ok=True)
-        pattern = np.clip(np.rint(t.pattern), 0, 255).astype(np.uint8)
         mask = np.clip(np.rint(t.mask * 255.0), 0, 255).astype(np.uint8)
+        pattern = np.clip(np.rint(t.pattern), 0, 255).astype(np.uint8)
+        # Where the saved mask is 0 the pattern never reaches an image: black there makes the PNG
+        # show the trigger itself instead of the optimiser's leftover noise, and stamps the same.
+        pattern[mask == 0] = 0
         atomic_write(folder / "trigger.png", _png_writer(pattern))
         atomic_write(folder / "mask.png", _png_writer(mask))
     atomic_write_text(out / "summary.json", json.dumps(result.to_dict(), indent=2) + "\n")
