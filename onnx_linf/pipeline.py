@@ -105,7 +105,7 @@ class Probe:
         self.taps = list(taps)
         self.topk = topk
         self.instrumented = instrument(model, self.taps, stats, per_tap_stats, topk=topk)
-        self.session: Session = create_session(model, self.instrumented.proto, provider)
+        self.session: Session = create_session(model, self.instrumented, provider)
         self.batch_level = [name for name, ref in self.instrumented.outputs.items()
                             if ref.stat in POSITION_STATS + BATCH_STATS + TOPK_STATS]
 
@@ -325,7 +325,7 @@ def bounds_exceedance(model: Model, taps: Sequence[Tap], clean: dict[str, Channe
 
     bounds = {t.name: (clean[t.name].pos_max, None if t.non_negative else clean[t.name].pos_min) for t in taps}
     inst = instrument_excess(model, bounds)
-    session = create_session(model, inst.proto, provider)
+    session = create_session(model, inst, provider)
     names = inst.output_names()
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for values in run_batches(session, source, preprocess, names, batch_size):
