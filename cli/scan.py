@@ -35,7 +35,8 @@ def scan_command(
     seed: o.SynthSeed = 0,
     max_queries: o.MaxQueries = None,
     time_limit: o.TimeLimit = None,
-    batch_size: o.BatchSize = 32,
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Images per inference batch, or 'auto' "
+                                            "(the largest that fits in memory; reported).")] = "32",
     provider: o.Provider = "auto",
     limit: o.Limit = None,
     size: o.Size = None,
@@ -59,7 +60,7 @@ def scan_command(
     with user_errors():
         config = ScanConfig(
             layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold, score=score,
-            stats=tuple(s.strip() for s in stats.split(",") if s.strip()), batch_size=batch_size,
+            stats=tuple(s.strip() for s in stats.split(",") if s.strip()), batch_size=parse_batch(batch_size),
             provider=provider, limit=limit,
             preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
         )
@@ -98,3 +99,13 @@ def _next_steps(model: Path, calib: Path, evidence: bool) -> None:
                       "-o clean.onnx")
 
 
+
+
+def parse_batch(value: str) -> int | str:
+    """'auto' or a positive integer."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--batch-size takes a positive integer or 'auto', got {value!r}") from None

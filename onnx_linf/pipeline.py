@@ -70,8 +70,8 @@ class ScanConfig:
     """Statistic scores rank by: ``linf``, ``l1`` or ``l2``."""
     stats: tuple[str, ...] = CHANNEL_STATS
     """Per-image statistics to measure."""
-    batch_size: int = 32
-    """Images per ORT run."""
+    batch_size: int | str = 32
+    """Images per ORT run, or ``auto`` (scan only: the largest batch that fits, see `auto_batch_size`)."""
     provider: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``tensorrt``."""
     limit: int | None = None
@@ -89,8 +89,8 @@ class ScanConfig:
             raise UsageError(f"--score must be one of {', '.join(SCORE_STATS)}, got {self.score!r}")
         if self.score not in self.stats:
             raise UsageError(f"--score {self.score} needs that statistic measured (--stats)")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise UsageError(f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be >= 1, got {self.limit}")
 
@@ -258,6 +258,13 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     # With suspect images, also measure the clean per-position range: how far suspects leave it is
     # the clamp's view of the same evidence (a test-time signal that needs no trigger).
     probe = Probe(model, taps, tuple(config.stats) + (POSITION_STATS if suspects else ()), config.provider)
+    batch_note = None
+    if config.batch_size == "auto":
+        from .calibrate import auto_batch_size
+
+        choice = auto_batch_size(model, probe.provider, taps=probe.taps, images=len(source), size=preprocess.size)
+        config = dataclasses.replace(config, batch_size=choice.batch_size)
+        batch_note = choice.reason
     clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
     ev_stats = None
     extra: dict = {}
@@ -283,7 +290,8 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         model=ModelInfo.of(model),
         provider=probe.provider,
         preprocess=preprocess.to_dict(),
-        calibration={"source": source.description, "images": len(source), "batch_size": config.batch_size},
+        calibration={"source": source.description, "images": len(source), "batch_size": config.batch_size,
+                     **({"batch_size_reason": batch_note} if batch_note else {})},
         policy={"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
                 "ratio": config.ratio if config.policy == "ratio" else None,
                 "threshold": config.threshold if config.policy == "outliers" else None,

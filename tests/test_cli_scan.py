@@ -133,3 +133,15 @@ def test_help_documents_exit_codes():
     result = invoke("scan", "--help")
     assert result.exit_code == 0
     assert "Exit codes" in result.stdout and "nothing to scan" in result.stdout
+
+
+def test_batch_size_auto_is_reported(fixtures_dir):
+    result = invoke("scan", fixtures_dir / "digits_clean.onnx", "--calib", fixtures_dir / "digits_calib",
+                    "--batch-size", "auto", "--limit", "40", "--json", "-", "-q")
+    assert result.exit_code == 0, result.stderr
+    cal = json.loads(result.stdout)["calibration"]
+    assert isinstance(cal["batch_size"], int) and 1 <= cal["batch_size"] <= 40
+    assert "batch" in cal["batch_size_reason"]
+    bad = invoke("scan", fixtures_dir / "digits_clean.onnx", "--calib", fixtures_dir / "digits_calib",
+                 "--batch-size", "many")
+    assert bad.exit_code == 2 and "--batch-size" in bad.stderr
