@@ -144,6 +144,7 @@ def _register_optional() -> None:
     except ImportError:
         return
     EXTRA_ROWS.append(clamp_rows)
+    EXTRA_ROWS.append(baseline_rows)
 
 
 def clamp_rows(case: Case) -> list[Row]:
@@ -158,6 +159,27 @@ def clamp_rows(case: Case) -> list[Row]:
                 acc, asr = measure(case, result.proto)
                 rows.append(Row("clamp", f"{granularity}, q={quantile:g}, layers={layers}", acc, asr,
                                 f"{len(result.records)} maps"))
+    return rows
+
+
+def baseline_rows(case: Case) -> list[Row]:
+    """Trigger-free channel-pruning baselines: Fine-Pruning's dormant channels and data-free CLP."""
+    from onnx_linf.flag import by_threshold, clp_scores, dormant_scores
+
+    rows = []
+    taps = find_taps(case.model, "last")
+    clean = Probe(case.model, taps, ("l1",), "cpu").measure(case.calib, case.preprocess, 64)
+    for ratio in (0.1, 0.3, 0.5):
+        flagged = by_ratio(dormant_scores(clean, "l1"), ratio, score="dormant l1", evidence=False)
+        proto, _ = zero_channels(case.model, taps, flagged.channels())
+        acc, asr = measure(case, proto)
+        rows.append(Row("dormant", f"last map, r={ratio}", acc, asr, f"{flagged.total} channels"))
+    all_taps = find_taps(case.model, "all")
+    for u in (3.0, 2.0):
+        flagged = by_threshold(clp_scores(case.model, all_taps), u)
+        proto, _ = zero_channels(case.model, all_taps, flagged.channels())
+        acc, asr = measure(case, proto)
+        rows.append(Row("clp", f"all maps, u={u:g} (no data)", acc, asr, f"{flagged.total} channels"))
     return rows
 
 
