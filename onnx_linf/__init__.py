@@ -4,7 +4,7 @@ The library is usable without the CLI. Typical use::
 
     import onnx_linf
     report = onnx_linf.scan("model.onnx", "calib_images/")
-    print(report.verdict, report.flagged_channels())
+    suspicious = report.flagged_channels()
     safe = onnx_linf.clamp("model.onnx", "calib_images/", output="safe.onnx")
 """
 

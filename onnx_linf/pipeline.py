@@ -290,18 +290,31 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         model=ModelInfo.of(model),
         provider=probe.provider,
         preprocess=preprocess.to_dict(),
-        calibration={"source": source.description, "images": len(source), "batch_size": config.batch_size,
-                     **({"batch_size_reason": batch_note} if batch_note else {})},
-        policy={"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
-                "ratio": config.ratio if config.policy == "ratio" else None,
-                "threshold": config.threshold if config.policy == "outliers" else None,
-                "layers": config.layers if isinstance(config.layers, str) else list(config.layers)},
+        calibration=_calibration_section(source, config.batch_size, batch_note),
+        policy=_policy_section(config, flagged, config.layers if isinstance(config.layers, str)
+                               else list(config.layers)),
         taps=tap_reports(taps, clean, flagged, ev_stats),
         verdict=verdict,
         verdict_reason=reason,
         evidence=None if evidence is None else evidence.describe(),
         extra=extra,
     )
+
+
+def _calibration_section(source: DataSource, batch_size: int, batch_note: str | None = None) -> dict:
+    """The report's record of the calibration data."""
+    out = {"source": source.description, "images": len(source), "batch_size": batch_size}
+    if batch_note:
+        out["batch_size_reason"] = batch_note
+    return out
+
+
+def _policy_section(config: ScanConfig, flagged: Flagged, layers: str | list[str]) -> dict:
+    """The report's record of how channels were ranked and flagged."""
+    return {"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
+            "ratio": config.ratio if flagged.policy == "ratio" else None,
+            "threshold": config.threshold if flagged.policy == "outliers" else None,
+            "layers": layers}
 
 
 def synthesis_verdict(result: Any) -> tuple[str, str]:
@@ -530,12 +543,9 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         model=ModelInfo.of(model),
         provider=probe.provider,
         preprocess=preprocess.to_dict(),
-        calibration={"source": source.description, "images": len(source), "batch_size": scan_cfg.batch_size},
-        policy={"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
-                "ratio": scan_cfg.ratio if flagged.policy == "ratio" else None,
-                "threshold": scan_cfg.threshold if flagged.policy == "outliers" else None,
-                "layers": [t.name for t in taps],
-                "ratio_chosen_by": None if swept is None else f"sweep, max accuracy drop {config.max_acc_drop:g}"},
+        calibration=_calibration_section(source, scan_cfg.batch_size),
+        policy=dict(_policy_section(scan_cfg, flagged, [t.name for t in taps]),
+                    ratio_chosen_by=None if swept is None else f"sweep, max accuracy drop {config.max_acc_drop:g}"),
         taps=tap_reports(taps, clean, flagged, ev_stats),
         verdict="not-assessed",
         verdict_reason=f"pruned {flagged.total} channels ranked by {flagged.score}",
