@@ -150,8 +150,10 @@ class Evidence:
     """The `synthesize.SynthResult` once the search ran (set by `resolve_evidence`)."""
 
     def __post_init__(self) -> None:
-        given = sum(x is not None for x in (self.trigger, self.suspect, self.synthesize))
-        if given != 1 and not (self.synthesize is not None and self.trigger is not None and self.synthesis):
+        # A resolved synthesis carries its own trigger; otherwise exactly one kind of evidence.
+        kinds = (self.suspect is not None, self.synthesize is not None,
+                 self.trigger is not None and self.synthesis is None)
+        if sum(kinds) != 1:
             raise UsageError("give one kind of evidence: --trigger/--mask, --suspect or --synthesize")
         if self.mask is not None and self.trigger is None:
             raise UsageError("--mask needs --trigger")
