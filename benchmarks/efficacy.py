@@ -151,7 +151,10 @@ def clamp_rows(case: Case) -> list[Row]:
     from onnx_linf.pipeline import ClampConfig, clamp
 
     rows = []
-    for layers in ("all", "last"):
+    selections = ["all", "last"]
+    if len(find_taps(case.model, "all+branches")) > len(find_taps(case.model, "all")):
+        selections.insert(1, "all+branches")  # ResNets: also bound the conv outputs before each merge
+    for layers in selections:
         for granularity in ("position", "channel"):
             for quantile in (100.0, 99.0, 95.0, 90.0):
                 cfg = ClampConfig(layers=layers, granularity=granularity, quantile=quantile, provider="cpu")

@@ -13,8 +13,9 @@ from onnx_linf.pipeline import PreprocessOptions
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 CalibOpt = Annotated[Path, typer.Option("--calib", "-c", help="Clean calibration data: a folder of images "
                                         "(recursive; PNG/JPEG/BMP/WebP) or a .npy/.npz array file.")]
-Layers = Annotated[str, typer.Option("--layers", "-l", help="Activation maps to measure: 'all', 'last', or "
-                                     "comma-separated tensor names.")]
+Layers = Annotated[str, typer.Option("--layers", "-l", help="Activation maps to measure: 'all' (every conv "
+                                     "and residual-merge map), 'all+branches' (also the conv outputs that "
+                                     "only feed a residual Add), 'last', or comma-separated tensor names.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per inference batch.")]
 Provider = Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when usable, "
                                        "else CPU), cpu, cuda, tensorrt.")]
@@ -42,13 +43,13 @@ Suspect = Annotated[Optional[Path], typer.Option("--suspect", help="Real suspici
 
 
 def parse_layers(value: str) -> str | tuple[str, ...]:
-    """'all' / 'last' / comma-separated names."""
+    """'all' / 'all+branches' / 'last' / comma-separated names."""
     value = value.strip()
-    if value in ("all", "last"):
+    if value in ("all", "all+branches", "last"):
         return value
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     if not names:
-        raise UsageError("--layers needs 'all', 'last' or tensor names")
+        raise UsageError("--layers needs 'all', 'all+branches', 'last' or tensor names")
     return names
 
 

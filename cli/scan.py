@@ -24,7 +24,9 @@ def scan_command(
     policy: Annotated[str, typer.Option(help="ratio (top fraction per map) or outliers (robust z-score).")] = "ratio",
     threshold: Annotated[float, typer.Option(help="Robust z-score threshold of the outliers policy.")] = 3.5,
     score: Annotated[str, typer.Option(help="Statistic to rank by: linf, l1 or l2.")] = "linf",
-    stats: Annotated[str, typer.Option(help="Statistics to measure, comma-separated (linf,l1,l2).")] = "linf,l1,l2",
+    stats: Annotated[str, typer.Option(help="Statistics to measure, comma-separated, of linf, l1, l2 (the "
+                                       "--score one is always measured). l2 is off by default: it "
+                                       "costs more than linf and l1 together.")] = "linf,l1",
     trigger: o.Trigger = None,
     mask: o.Mask = None,
     suspect: o.Suspect = None,

@@ -22,7 +22,7 @@ from .data import DataSource, Preprocess, Trigger, open_source
 from .errors import CalibrationDataError, NoEvidenceError, UsageError
 from .files import check_output_path, save_model
 from .flag import SCORE_STATS, Flagged, by_outliers, by_ratio, clean_scores, differential_scores, from_channels
-from .instrument import BATCH_STATS, CHANNEL_STATS, POSITION_STATS, TOPK_STATS, instrument
+from .instrument import BATCH_STATS, CHANNEL_STATS, DEFAULT_STATS, POSITION_STATS, TOPK_STATS, instrument
 from .load import Model, load_model
 from .report import ModelInfo, ScanReport, tap_reports
 from .stats import ChannelStats, StatsCollector
@@ -59,7 +59,7 @@ class ScanConfig:
     """Options of a scan."""
 
     layers: str | tuple[str, ...] = "all"
-    """``all``, ``last`` or explicit tap tensor names."""
+    """``all``, ``all+branches``, ``last`` or explicit tap tensor names (see `find_taps`)."""
     policy: str = "ratio"
     """``ratio`` (top fraction per tap) or ``outliers`` (robust z-score)."""
     ratio: float = 0.1
@@ -68,8 +68,8 @@ class ScanConfig:
     """Robust z-score threshold of the outliers policy."""
     score: str = "linf"
     """Statistic scores rank by: ``linf``, ``l1`` or ``l2``."""
-    stats: tuple[str, ...] = CHANNEL_STATS
-    """Per-image statistics to measure."""
+    stats: tuple[str, ...] = DEFAULT_STATS
+    """Per-image statistics to measure (`score` is always measured too, see `measured_stats`)."""
     batch_size: int | str = 32
     """Images per ORT run, or ``auto`` (scan only: the largest batch that fits, see `auto_batch_size`)."""
     provider: str = "auto"
@@ -87,18 +87,24 @@ class ScanConfig:
             raise UsageError(f"--ratio must be in (0, 1), got {self.ratio}")
         if self.score not in SCORE_STATS:
             raise UsageError(f"--score must be one of {', '.join(SCORE_STATS)}, got {self.score!r}")
-        if self.score not in self.stats:
-            raise UsageError(f"--score {self.score} needs that statistic measured (--stats)")
+        unknown = [s for s in self.stats if s not in CHANNEL_STATS]
+        if unknown:
+            raise UsageError(f"unknown statistic {unknown[0]!r} in --stats: use {', '.join(CHANNEL_STATS)}")
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise UsageError(f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be >= 1, got {self.limit}")
 
+    @property
+    def measured_stats(self) -> tuple[str, ...]:
+        """`stats`, plus the ranking `score` when it is not among them."""
+        return self.stats if self.score in self.stats else (*self.stats, self.score)
+
 
 class Probe:
     """An instrumented ORT session that measures a fixed set of taps on any data source."""
 
-    def __init__(self, model: Model, taps: Sequence[Tap], stats: Sequence[str] = CHANNEL_STATS,
+    def __init__(self, model: Model, taps: Sequence[Tap], stats: Sequence[str] = DEFAULT_STATS,
                  provider: str = "auto", per_tap_stats: dict[str, Sequence[str]] | None = None,
                  topk: int = 1) -> None:
         self.model = model
@@ -259,7 +265,7 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     suspects = evidence is not None and evidence.suspect is not None
     # With suspect images, also measure the clean per-position range: how far suspects leave it is
     # the clamp's view of the same evidence (a test-time signal that needs no trigger).
-    probe = Probe(model, taps, tuple(config.stats) + (POSITION_STATS if suspects else ()), config.provider)
+    probe = Probe(model, taps, config.measured_stats + (POSITION_STATS if suspects else ()), config.provider)
     batch_note = None
     if config.batch_size == "auto":
         from .calibrate import auto_batch_size
@@ -489,7 +495,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         if not wanted:
             raise UsageError(f"{from_report} flags no channels: nothing to prune")
         taps = find_taps(model, list(wanted))
-        probe = Probe(model, taps, scan_cfg.stats, scan_cfg.provider)
+        probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider)
         clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
         flagged = from_channels(wanted, policy="report", score=report_in.policy.get("score", "from report"),
                                 evidence=bool(report_in.policy.get("evidence")),
@@ -505,7 +511,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                     "trigger synthesis suspects no target class: there is no evidence to prune by "
                     f"({synthesis_verdict(evidence.synthesis)[1]})",
                     hint="if you know the trigger, pass --trigger/--mask; the clamp needs no trigger")
-        probe = Probe(model, taps, scan_cfg.stats, scan_cfg.provider)
+        probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider)
         clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
         ev_stats = None
         if evidence is not None:

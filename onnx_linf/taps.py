@@ -5,10 +5,21 @@ Conv after the per-channel ops that directly follow it, each the single consumer
 tensor (BatchNormalization, a per-channel bias Add, Relu, Clip, ...). A *merge map* is the same for a
 residual Add of two 4-D maps (ResNets). The *last* map is the 4-D tensor that feeds the classifier
 head (GlobalAveragePool, Flatten, Gemm, ...), looked through channel-preserving pooling.
+
+A *branch* map is a conv map whose only consumers are residual merges (in a ResNet, the conv+BN
+output of each block's last conv and of the shortcut conv, before the Add). `layers="all"` leaves
+branches out and `"all+branches"` includes them. Why: a branch is not an activation map of the
+network (no activation has been applied; the merge map after the Add, which is measured, holds
+its contribution), and tapping it costs more than any other map: ORT fuses Conv+Add(+Relu) into
+one kernel only when the conv output has no other consumer, so each tapped branch turns one
+kernel back into three and keeps an extra full-size tensor alive (ResNet-50, batch 16: 69 maps
+with branches ran at 0.64x plain inference and 1.36x its peak memory; the 49 maps without them at
+0.90x and 1.10x; `benchmarks/perf.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -50,7 +61,8 @@ class Tap:
     spatial: tuple[int | None, int | None]
     """(H, W) when known statically, else None entries."""
     kind: str
-    """``conv`` (after a Conv), ``merge`` (after a residual Add) or ``head`` (only feeds the head)."""
+    """``conv`` (after a Conv), ``branch`` (a conv map that only feeds residual merges), ``merge``
+    (after a residual Add), ``head`` (only feeds the head) or ``named`` (asked for by name)."""
     source: str
     """Name of the node that starts the chain (the Conv or the Add)."""
     chain: tuple[str, ...]
@@ -275,8 +287,9 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
 
     Args:
         model: the loaded model.
-        layers: ``"all"`` (every conv and residual-merge map), ``"last"`` (the map feeding the
-            classifier head), or a sequence of tensor names.
+        layers: ``"all"`` (every conv and residual-merge map except branches, see the module
+            docstring), ``"all+branches"`` (with them), ``"last"`` (the map feeding the classifier
+            head), or a sequence of tensor names.
 
     Returns:
         Taps in graph (topological) order, without duplicates.
@@ -308,10 +321,17 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
             if tap is not None:
                 found[head] = Tap(tap.name, tap.channels, tap.spatial, tap.kind, tap.source, tap.chain,
                                   tap.non_negative, is_last=True)
+    merges = {t.source for t in found.values() if t.kind == "merge"}
+    for name, tap in found.items():
+        users = index.consumers.get(name, [])
+        if tap.kind == "conv" and users and all(index.node_name(u) in merges for u in users):
+            found[name] = dataclasses.replace(tap, kind="branch")
     taps = sorted(found.values(), key=lambda t: _position(index, t.name))
 
-    if isinstance(layers, str) and layers == "all":
+    if isinstance(layers, str) and layers == "all+branches":
         return taps
+    if isinstance(layers, str) and layers == "all":
+        return [t for t in taps if t.kind != "branch"]
     if isinstance(layers, str) and layers == "last":
         last = [t for t in taps if t.is_last]
         if not last:

@@ -145,3 +145,40 @@ def test_batch_size_auto_is_reported(fixtures_dir):
     bad = invoke("scan", fixtures_dir / "digits_clean.onnx", "--calib", fixtures_dir / "digits_calib",
                  "--batch-size", "many")
     assert bad.exit_code == 2 and "--batch-size" in bad.stderr
+
+
+@pytest.mark.parametrize("args, measured", [
+    ((), {"linf", "l1"}),                                  # default: l2 costs the most, so it is opt-in
+    (("--stats", "linf,l1,l2"), {"linf", "l1", "l2"}),
+    (("--stats", "linf", "--score", "l2"), {"linf", "l2"}),  # the ranking score is always measured
+])
+def test_scan_measures_default_and_requested_stats(fixtures_dir, args, measured):
+    result = invoke("scan", fixtures_dir / "digits_badnets.onnx", "--calib", fixtures_dir / "digits_calib",
+                    "--json", "-", "--limit", "16", "--provider", "cpu", "-q", *args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert all(set(t["stats"]) == measured for t in report["taps"])
+    assert report["policy"]["score"] == f"clean {'l2' if 'l2' in args else 'linf'}"
+
+
+def test_scan_unknown_stat_is_a_usage_error(fixtures_dir):
+    result = invoke("scan", fixtures_dir / "digits_badnets.onnx", "--calib", fixtures_dir / "digits_calib",
+                    "--stats", "linf,l3")
+    assert_one_line_error(result, ExitCode.INPUT_ERROR, "unknown statistic 'l3' in --stats")
+
+
+def test_layers_all_leaves_out_branches_and_all_branches_keeps_them(tmp_path):
+    path = tmp_path / "resnet.onnx"
+    import onnx
+
+    onnx.save(models.resnet_block(), path)
+    x = np.random.default_rng(0).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    names = {}
+    for layers in ("all", "all+branches"):
+        result = invoke("scan", path, "--calib", tmp_path / "calib.npy", "--layers", layers, "--json", "-", "-q",
+                        "--provider", "cpu")
+        assert result.exit_code == 0, result.stderr
+        names[layers] = {t["name"]: t["kind"] for t in json.loads(result.stdout)["taps"]}
+    assert "bn2_out" not in names["all"] and names["all+branches"]["bn2_out"] == "branch"
+    assert {k: v for k, v in names["all+branches"].items() if v != "branch"} == names["all"]

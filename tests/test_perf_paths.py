@@ -70,7 +70,7 @@ def numpy_stat(a: np.ndarray, stat: str) -> np.ndarray:
 
 
 def check_against_raw(model, x: np.ndarray, method: str = "pool", stats: tuple[str, ...] = POOLED) -> dict[str, int]:
-    taps = find_taps(model, "all")
+    taps = find_taps(model, "all+branches")
     inst = instrument(model, taps, stats=stats + ("raw",), method=method)
     values = dict(zip(inst.output_names(), create_session(model, inst.proto, "cpu").run(inst.output_names(), x)))
     raw = {ref.tap: values[name] for name, ref in inst.outputs.items() if ref.stat == "raw"}
@@ -100,7 +100,7 @@ def test_pooled_stats_equal_numpy_with_padded_blocks(opset, stats, model_file):
 def test_pooled_and_reduce_methods_agree(model_file):
     model = load_model(model_file(awkward_sizes()))
     x = np.random.default_rng(1).normal(0, 1, (2, 3, 45, 50)).astype(np.float32)
-    taps = find_taps(model, "all")
+    taps = find_taps(model, "all+branches")
     results = {}
     for method in ("pool", "reduce"):
         inst = instrument(model, taps, stats=("linf", "l1", "l2"), method=method)

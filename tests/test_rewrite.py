@@ -83,7 +83,7 @@ def test_rewrite_equals_mask_reference_and_zeroes_taps(case, load):
     build, shape, methods = CASES[case]
     model = load(build())
     original = model.proto.SerializeToString()
-    taps = find_taps(model)
+    taps = find_taps(model, "all+branches")
     assert {t.name for t in taps} == set(methods)
     channels = {t.name: some_channels(t.channels) for t in taps}
 
@@ -168,7 +168,7 @@ def test_bn_fold_zeroes_gamma_and_beta_not_just_the_conv(load):
 
 def test_residual_merge_masks_and_bn_before_add_folds(load):
     model = load(models.resnet_block())
-    taps = find_taps(model)
+    taps = find_taps(model, "all+branches")
     x = batch((3, 8, 8))
 
     merged, rec = zero_channels(model, taps, {"post_relu_out": [0, 5]})
@@ -178,7 +178,7 @@ def test_residual_merge_masks_and_bn_before_add_folds(load):
                                run(model, mask_reference(model, {"post_relu_out": [0, 5]}), x)[0], atol=1e-6)
     # The masked tensor keeps the tap's name, so a re-scan measures the masked map under that name.
     rescanned = dataclasses.replace(model, proto=merged)
-    assert [t.name for t in find_taps(rescanned)] == [t.name for t in taps]
+    assert [t.name for t in find_taps(rescanned, "all+branches")] == [t.name for t in taps]
     assert np.all(tap_values(model, merged, ["post_relu_out"], x)["post_relu_out"][:, [0, 5]] == 0)
 
     folded, rec = zero_channels(model, taps, {"bn2_out": [3]})

@@ -25,11 +25,15 @@ def test_plain_cnn_last_conv_feeding_flatten_gemm(model_file):
 
 def test_resnet_last_is_post_residual_relu(model_file):
     model = load_model(model_file(models.resnet_block()))
-    taps = {t.name: t for t in find_taps(model)}
-    # The conv before the residual Add ends at its BN: the Add is not a per-channel op.
-    assert taps["bn2_out"].kind == "conv" and not taps["bn2_out"].non_negative
+    taps = {t.name: t for t in find_taps(model, "all+branches")}
+    # The conv before the residual Add ends at its BN: the Add is not a per-channel op. It only
+    # feeds the merge, so it is a branch: measured by "all+branches", left out of "all".
+    assert taps["bn2_out"].kind == "branch" and not taps["bn2_out"].non_negative
     assert taps["post_relu_out"].kind == "merge"
+    assert names(find_taps(model)) == [name for name, t in taps.items() if t.kind != "branch"]
+    assert names(find_taps(model)) == ["stem_relu_out", "r1_out", "post_relu_out"]
     assert names(find_taps(model, "last")) == ["post_relu_out"]
+    assert find_taps(model, ["bn2_out"])[0].kind == "branch"  # still selectable by name
 
 
 def test_depthwise_and_clip(model_file):
