@@ -177,7 +177,7 @@ def baseline_rows(case: Case) -> list[Row]:
         proto, _ = zero_channels(case.model, taps, flagged.channels())
         acc, asr = measure(case, proto)
         rows.append(Row("dormant", f"last map, r={ratio}", acc, asr, f"{flagged.total} channels"))
-    all_taps = find_taps(case.model, "all")
+    all_taps = find_taps(case.model, "all+branches")  # CLP scores every conv, as in its paper
     for u in (3.0, 2.0):
         flagged = by_threshold(clp_scores(case.model, all_taps), u)
         proto, _ = zero_channels(case.model, all_taps, flagged.channels())

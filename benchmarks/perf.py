@@ -49,6 +49,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_linf.instrument import CHANNEL_STATS as ALL_NORMS  # the naive baselines compute all three
+from onnx_linf.instrument import DEFAULT_STATS
+
 OPSET = 17
 
 
@@ -240,11 +243,7 @@ def _probe_runner(path: Path, batches: list[np.ndarray], layers: str, stats: tup
     from onnx_linf.taps import find_taps
 
     model = load_model(path)
-    taps = find_taps(model, "all")
-    if layers == "relu":
-        taps = [t for t in taps if t.non_negative]
-    elif layers != "all":
-        taps = find_taps(model, layers)
+    taps = find_taps(model, layers)
     probe = Probe(model, taps, stats, provider="cpu")
     source = FeedSource(batches)
     pre = Preprocess(size=(batches[0].shape[2], batches[0].shape[3]))
@@ -309,23 +308,28 @@ class Row:
 
 
 def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detail: bool) -> tuple[list[Row], int]:
+    from onnx_linf.load import load_model
+    from onnx_linf.taps import find_taps
+
     batches = input_batches(spec, batch)
-    default = ("linf", "l1", "l2")
     variants: list[tuple[Row, Callable[[], None]]] = [(Row("plain inference", "-", "-"), _plain_runner(path, batches))]
     for layers in ("last", "all"):
-        run, n = _probe_runner(path, batches, layers, default)
-        variants.append((Row(f"scan --layers {layers}", n, "linf,l1,l2"), run))
+        run, n = _probe_runner(path, batches, layers, DEFAULT_STATS)
+        variants.append((Row(f"scan --layers {layers}", n, ",".join(DEFAULT_STATS)), run))
     if detail:
-        for stats in (("linf",), ("linf", "l1")):
-            run, n = _probe_runner(path, batches, "all", stats)
-            variants.append((Row("scan --layers all", n, ",".join(stats)), run))
-        for stats in (default, ("linf", "l1")):
-            run, n = _probe_runner(path, batches, "relu", stats)
-            variants.append((Row("scan, non-negative maps only", n, ",".join(stats)), run))
-        run, n = _reduce_runner(path, batches, default)
-        variants.append((Row("naive in-graph Reduce* (all maps)", n, "linf,l1,l2"), run))
+        # What each statistic and the branch maps cost on top of the default.
+        model = load_model(path)
+        has_branches = len(find_taps(model, "all+branches")) > len(find_taps(model, "all"))
+        for layers, stats in (("all", ("linf",)), ("all", ALL_NORMS),
+                              ("all+branches", DEFAULT_STATS), ("all+branches", ALL_NORMS)):
+            if layers == "all+branches" and not has_branches:
+                continue
+            run, n = _probe_runner(path, batches, layers, stats)
+            variants.append((Row(f"scan --layers {layers}", n, ",".join(stats)), run))
+        run, n = _reduce_runner(path, batches, ALL_NORMS)
+        variants.append((Row("naive in-graph Reduce* (all maps)", n, ",".join(ALL_NORMS)), run))
     run, n = _raw_runner(path, batches)
-    variants.append((Row("whole activations + numpy", n, "linf,l1,l2"), run))
+    variants.append((Row("whole activations + numpy", n, ",".join(ALL_NORMS)), run))
     for _, run in variants:  # warm-up: first runs allocate
         run()
     for r in range(rounds):
@@ -349,7 +353,7 @@ def exactness(path: Path, side: int) -> dict[str, float]:
     from onnx_linf.taps import find_taps
 
     model = load_model(path)
-    taps = find_taps(model, "all")
+    taps = find_taps(model, "all+branches")  # signed branch maps take other paths: check them too
     inst = instrument(model, taps, ("linf", "l1", "l2", "raw"))
     x = np.random.default_rng(1).normal(0, 1, (2, 3, side, side)).astype(np.float32)
     values = dict(zip(inst.output_names(), create_session(model, inst.proto, "cpu").run(inst.output_names(), x)))
@@ -382,7 +386,7 @@ def end_to_end(path: Path, folder: Path, batch: int, rounds: int) -> tuple[list[
     model = load_model(path)
     pre = PreprocessOptions().resolve(model)
     plain = create_session(model, None, "cpu")
-    probe = Probe(model, find_taps(model, "all"), provider="cpu")
+    probe = Probe(model, find_taps(model, "all"), DEFAULT_STATS, provider="cpu")
     out = [o.name for o in plain.inner.get_outputs()]
     files = sorted(folder.glob("*.jpg"))
 
@@ -400,7 +404,7 @@ def end_to_end(path: Path, folder: Path, batch: int, rounds: int) -> tuple[list[
 
     variants = [(Row("plain, same loader as the scan (overlapped)", "-", "-"), pipelined),
                 (Row("plain, decode then infer (sequential)", "-", "-"), sequential),
-                (Row("scan --layers all (decode overlapped)", len(probe.taps), "linf,l1,l2"), scan_all)]
+                (Row("scan --layers all (decode overlapped)", len(probe.taps), ",".join(DEFAULT_STATS)), scan_all)]
     setup: dict[str, list[float]] = {"plain session": [], "scan setup (load, find maps, instrument, session)": []}
     for _, run in variants:
         run()
@@ -478,11 +482,11 @@ def _child(args: argparse.Namespace) -> None:
         session = create_session(model, None, "cpu")
         for x in batches:
             session.run(None, x)
-    elif variant in ("last", "all"):
-        run, _ = _probe_runner(path, batches, variant, ("linf", "l1", "l2"))
+    elif variant in ("last", "all", "all+branches"):
+        run, _ = _probe_runner(path, batches, variant, DEFAULT_STATS)
         run()
     elif variant == "reduce":
-        run, _ = _reduce_runner(path, batches, ("linf", "l1", "l2"))
+        run, _ = _reduce_runner(path, batches, ALL_NORMS)
         run()
     elif variant == "raw":
         run, _ = _raw_runner(path, batches)
@@ -508,7 +512,7 @@ def memory(path: Path, spec: Spec, batch: int, runs: int) -> dict[str, float]:
     base = [sys.executable, __file__, "--batch", str(batch), "--child-model", str(path),
             "--child-side", str(spec.side), "--child-runs", str(runs), "--child"]
     out = {"plain": peak_rss_mb([sys.executable, "-c", PLAIN_CHILD, str(path), str(batch), str(spec.side), str(runs)])}
-    for variant in ("plain-lib", "last", "all", "raw"):
+    for variant in ("plain-lib", "last", "all", "all+branches", "raw"):
         out[variant] = peak_rss_mb(base + [variant])
     return out
 
@@ -540,7 +544,7 @@ def profile(path: Path, spec: Spec, batch: int, rounds: int) -> list[str]:
     taps = find_taps(model, "all")
     protos = {"plain": model.proto.SerializeToString()}
     for method in ("reduce", "pool"):
-        protos[method] = instrument(model, taps, method=method).serialize()
+        protos[method] = instrument(model, taps, DEFAULT_STATS, method=method).serialize()
     x = np.random.default_rng(0).normal(0, 1, (batch, 3, spec.side, spec.side)).astype(np.float32)
     sessions = {}
     for key, payload in protos.items():
@@ -597,14 +601,15 @@ def _med(values: list[float], fmt: str = "{:.2f}") -> str:
 
 def table(rows: list[Row], images: int) -> list[str]:
     plain = rows[0] if rows[0].label.startswith("plain") and "sequential" not in rows[0].label else rows[1]
-    lines = ["| variant | maps | statistics | images/s | vs plain (wall) | vs plain (CPU time) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | maps | statistics | images/s | vs plain (wall) | vs plain (CPU time) "
+             "| vs plain (best round) |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         ips = [images / t for t in row.wall]
         wall = [p / t for p, t in zip(plain.wall, row.wall)]
         cpu = [p / t for p, t in zip(plain.cpu, row.cpu)]
         lines.append(f"| {row.label} | {row.taps} | {row.stats} | {_med(ips, '{:.1f}')} | "
-                     f"{_med(wall)} | {_med(cpu)} |")
+                     f"{_med(wall)} | {_med(cpu)} | {min(plain.wall) / min(row.wall):.2f} |")
     return lines
 
 
@@ -641,7 +646,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--detail", nargs="?", const="all", default="resnet50",
                         help="models that also get the per-statistic / per-map-kind / naive rows "
@@ -652,10 +657,10 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--e2e-model", default="resnet50")
     parser.add_argument("--e2e-images", type=int, default=32)
-    parser.add_argument("--e2e-rounds", type=int, default=3)
+    parser.add_argument("--e2e-rounds", type=int, default=5)
     parser.add_argument("--scaling-model", default="mobilenet_v2",
                         help="model whose CLI scan is run on N and 10N JPEG files for peak memory")
-    parser.add_argument("--scaling-images", type=int, default=32)
+    parser.add_argument("--scaling-images", type=int, default=128)
     parser.add_argument("--memory-runs", type=int, default=2, help="batches each memory child runs")
     parser.add_argument("--cache", type=Path, help="keep built models and JPEGs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
@@ -681,7 +686,8 @@ def main() -> None:
     report = ["## Throughput (in one process, variants interleaved round by round)", "",
               f"Batch {args.batch}, {args.rounds} rounds; medians [min-max]. \"vs plain\" is plain time / "
               "variant time per round (1.00 = as fast as plain inference); the CPU-time column is the same "
-              "ratio on process CPU seconds, less sensitive to other load on the machine.", ""]
+              "ratio on process CPU seconds; \"best round\" is the fastest plain round over the fastest round of the "
+              "variant, the estimate least disturbed by other load on a shared machine.", ""]
     try:
         paths = {}
         for name in sorted(set(names) | ({args.e2e_model} if not args.no_e2e else set())
@@ -696,7 +702,8 @@ def main() -> None:
             rows, images = throughput(name, paths[name], spec, args.batch, args.rounds, name in detail)
             worst = exactness(paths[name], spec.side)
             report += [f"### {name} ({images} images per round)", "", *table(rows, images), "",
-                       "Largest relative difference to float64 numpy on the raw maps (all maps, same session): "
+                       "Largest relative difference to float64 numpy on the raw maps "
+                       "(all maps and branches, same session): "
                        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()), ""]
             if not args.no_memory:
                 print(f"{name}: memory", file=sys.stderr, flush=True)
@@ -704,7 +711,7 @@ def main() -> None:
         if args.profile:
             name = names[0]
             print(f"{name}: profile", file=sys.stderr, flush=True)
-            report += [f"## Where the time goes ({name}, batch {args.batch}, all maps, linf,l1,l2)", "",
+            report += [f"## Where the time goes ({name}, batch {args.batch}, all maps, {','.join(DEFAULT_STATS)})", "",
                        "ORT profiler, kernel time per op type, median of the runs (sessions run alternately). "
                        "`reduce` is the naive ReduceMax(Abs)/ReduceL1/ReduceL2 form, `pool` the default.", "",
                        *profile(paths[name], MODELS[name], args.batch, args.rounds), ""]
@@ -713,11 +720,12 @@ def main() -> None:
                        f"Batch {args.batch}, {args.memory_runs} batches per process. \"plain\" is ONNX Runtime alone "
                        "(session from the file); \"plain via onnx-linf\" also holds the model in Python, as every "
                        "scan does.", "",
-                       "| model | plain | plain via onnx-linf | scan last | scan all | whole activations + numpy "
-                       "| scan all / plain |", "|---|---|---|---|---|---|---|"]
+                       "| model | plain | plain via onnx-linf | scan last | scan all | scan all+branches "
+                       "| whole activations + numpy | scan all / plain |", "|---|---|---|---|---|---|---|---|"]
             for name, m in mem_rows:
                 report.append(f"| {name} | {m['plain']:.0f} | {m['plain-lib']:.0f} | {m['last']:.0f} | "
-                              f"{m['all']:.0f} | {m['raw']:.0f} | {m['all'] / m['plain']:.2f} |")
+                              f"{m['all']:.0f} | {m['all+branches']:.0f} | {m['raw']:.0f} | "
+                              f"{m['all'] / m['plain']:.2f} |")
             report.append("")
         if not args.no_e2e:
             spec = MODELS[args.e2e_model]
@@ -741,6 +749,8 @@ def main() -> None:
             print("memory scaling", file=sys.stderr, flush=True)
             peaks = memory_scaling(paths[args.scaling_model], folders, args.batch)
             report += [f"## Peak RSS of `onnx-linf scan --layers all` vs number of images ({args.scaling_model})", "",
+                       "The loader keeps a bounded window of batches in flight (decode-ahead plus prefetch), "
+                       "so the peak grows until that window is full (a few batches) and not after.", "",
                        "| images | peak RSS (MB) |", "|---|---|",
                        *[f"| {k} | {v:.0f} |" for k, v in peaks.items()], ""]
     finally:
