@@ -19,7 +19,7 @@ def inspect_command(model: o.ModelArg, json_out: o.JsonOut = None) -> None:
     """Show the model's inputs, outputs, opset and activation maps (taps)."""
     with user_errors():
         m = load_model(model)
-        taps = find_taps(m, "all")
+        taps = find_taps(m, "all+branches")  # branches shown with their kind; `--layers all` skips them
     if json_out == "-":
         data = {
             "path": str(m.path), "sha256": m.sha256, "opset": m.opset, "ir_version": m.proto.ir_version,
@@ -35,7 +35,9 @@ def inspect_command(model: o.ModelArg, json_out: o.JsonOut = None) -> None:
     console.print(f"input  {m.input.name} {list(m.input.shape)} {m.input.dtype_name}")
     for out in m.outputs:
         console.print(f"output {out.name} {list(out.shape)}")
-    table = Table(title=f"activation maps ({len(taps)})", title_justify="left")
+    branches = sum(t.kind == "branch" for t in taps)
+    title = f"activation maps ({len(taps)}" + (f"; --layers all skips the {branches} branch maps)" if branches else ")")
+    table = Table(title=title, title_justify="left")
     table.add_column("tap", overflow="fold")
     for col in ("kind", "C", "HxW", "≥0"):
         table.add_column(col)

@@ -182,3 +182,6 @@ def test_layers_all_leaves_out_branches_and_all_branches_keeps_them(tmp_path):
         names[layers] = {t["name"]: t["kind"] for t in json.loads(result.stdout)["taps"]}
     assert "bn2_out" not in names["all"] and names["all+branches"]["bn2_out"] == "branch"
     assert {k: v for k, v in names["all+branches"].items() if v != "branch"} == names["all"]
+    inspected = invoke("inspect", path, "--json", "-")  # inspect lists every map with its kind
+    assert {t["name"]: t["kind"] for t in json.loads(inspected.stdout)["taps"]} == names["all+branches"]
+    assert "--layers all skips the 1 branch maps" in invoke("inspect", path).stderr
