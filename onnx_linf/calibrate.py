@@ -50,6 +50,14 @@ class Session:
     """Static batch size of the input, if the model fixes one."""
     io_binding: bool | None = None
     """Run through ORT I/O binding; None (default): exactly when the CUDA provider runs."""
+    input_dtype: np.dtype = np.dtype(np.float32)
+    """Element type of the image input. Batches are cast to it when it is another float type
+    (float16 and float64 models); an integer input gets the batch as is, and ORT's type error."""
+
+    def _as_input(self, tensor: np.ndarray) -> np.ndarray:
+        if tensor.dtype == self.input_dtype or self.input_dtype.kind != "f":
+            return tensor
+        return tensor.astype(self.input_dtype)
 
     @property
     def uses_binding(self) -> bool:
@@ -63,6 +71,7 @@ class Session:
         host-to-device copy of batch k+1 overlaps the inference of batch k instead of preceding
         it. Everywhere else (and for a short batch that `run` must pad) it is returned as is.
         """
+        tensor = self._as_input(tensor)
         if not self.uses_binding or self.provider != PROVIDERS["cuda"]:
             return tensor
         if self.fixed_batch is not None and tensor.shape[0] != self.fixed_batch:
@@ -78,6 +87,8 @@ class Session:
         per-sample outputs are trimmed back, outputs named in `batch_level` (extremes over the
         batch axis) are left alone since duplicated rows do not change a max or a min.
         """
+        if not isinstance(tensor, ort.OrtValue):
+            tensor = self._as_input(tensor)
         n = tensor.shape()[0] if isinstance(tensor, ort.OrtValue) else tensor.shape[0]
         fb = self.fixed_batch
         if fb is None or fb == n:
@@ -185,7 +196,8 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
             "check the CUDA/cuDNN installation")
     batch_dim = model.input.shape[0]
     return Session(inner=inner, provider=used, input_name=model.input.name,
-                   fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None)
+                   fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
+                   input_dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(model.input.elem_type)))
 
 
 def _release_model_bytes(inner: ort.InferenceSession) -> None:

@@ -13,6 +13,7 @@ differential tests (`tests/test_instrument.py`) instead.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -338,11 +339,13 @@ def instrument(
     for tap_index, tap in enumerate(taps):
         wanted = list(stats) + [s for s in (per_tap_stats or {}).get(tap.name, ()) if s not in stats]
         pooled = {s: f"{_PREFIX}/{tap_index}/{s}" for s in wanted if s in POOLED_STATS} if method == "pool" else {}
-        nodes = builder.pooled_nodes(tap, pooled) if pooled else []
+        view, nodes = _float32_view(tap, f"{_PREFIX}/{tap_index}/float32")
+        if pooled:
+            nodes += builder.pooled_nodes(view, pooled)
         for stat in wanted:
             out = f"{_PREFIX}/{tap_index}/{stat}"
             if stat not in pooled:
-                nodes.extend(builder.nodes_for(tap, stat, out))
+                nodes.extend(builder.nodes_for(view, stat, out))
             added[out] = TapOutput(tap.name, stat)
             value_infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
         inserts.setdefault(producer_of[tap.name], []).extend(nodes)
@@ -354,7 +357,8 @@ def instrument(
                         base=model.proto, added=delta)
 
 
-def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> Instrumented:
+def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+                      elem_types: Mapping[str, int] | None = None) -> Instrumented:
     """Add, per map, how often and how far each image leaves the given bounds (test-time signal).
 
     For each tap two outputs of shape [N]: ``excess_frac`` (fraction of the map's elements outside
@@ -364,6 +368,7 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
     Args:
         model: the loaded model.
         bounds: tap name -> (hi, lo) arrays broadcastable to [C, H, W]; lo may be None.
+        elem_types: ONNX element type per tap name when not float32 (`Tap.elem_type`).
     """
     delta = onnx.ModelProto()
     builder = _Builder(model.opset)
@@ -375,12 +380,20 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
         hi_name = f"{_PREFIX}/excess/{index}/hi"
         builder.initializers.append(numpy_helper.from_array(np.asarray(hi, np.float32)[None], hi_name))
         over = builder.uid("over")
-        nodes = [helper.make_node("Sub", [tap, hi_name], [over], name=builder.uid("Sub"))]
+        nodes: list[onnx.NodeProto] = []
+        producer = producer_of[tap]
+        if (elem_types or {}).get(tap, TensorProto.FLOAT) != TensorProto.FLOAT:
+            cast = f"{_PREFIX}/excess/{index}/float32"
+            nodes.append(helper.make_node("Cast", [tap], [cast], to=TensorProto.FLOAT, name=builder.uid("Cast")))
+            tap_in = cast
+        else:
+            tap_in = tap
+        nodes.append(helper.make_node("Sub", [tap_in, hi_name], [over], name=builder.uid("Sub")))
         if lo is not None:
             lo_name = f"{_PREFIX}/excess/{index}/lo"
             builder.initializers.append(numpy_helper.from_array(np.asarray(lo, np.float32)[None], lo_name))
             under, both = builder.uid("under"), builder.uid("both")
-            nodes += [helper.make_node("Sub", [lo_name, tap], [under], name=builder.uid("Sub")),
+            nodes += [helper.make_node("Sub", [lo_name, tap_in], [under], name=builder.uid("Sub")),
                       helper.make_node("Max", [over, under], [both], name=builder.uid("Max"))]
             over = both
         pos, flag, flag_f = builder.uid("pos"), builder.uid("flag"), builder.uid("flag_f")
@@ -393,7 +406,7 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
                   helper.make_node("Cast", [flag], [flag_f], to=TensorProto.FLOAT, name=builder.uid("Cast")),
                   builder.reduce("ReduceMean", flag_f, (1, 2, 3), frac),
                   builder.reduce("ReduceMax", pos, (1, 2, 3), mx)]
-        inserts.setdefault(producer_of[tap], []).extend(nodes)
+        inserts.setdefault(producer, []).extend(nodes)
         for name, stat in ((frac, "excess_frac"), (mx, "excess_max")):
             added[name] = TapOutput(tap, stat)
             value_infos.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
@@ -402,6 +415,19 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
     delta.graph.output.extend(value_infos)
     return Instrumented(outputs=added, original_outputs=tuple(o.name for o in model.proto.graph.output),
                         base=model.proto, added=delta)
+
+
+def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
+    """The tap itself when it is float32; else a Cast of it to float32 and a tap standing for that.
+
+    Statistics are float32 whatever the model computes in: a float16 map's maximum converts
+    exactly, and its sums are then taken in float32, as for any other map (within the same 1e-5
+    of float64 numpy; a float16 sum would be ~1e-3 off). The cast is one more pass over the map.
+    """
+    if tap.elem_type == TensorProto.FLOAT:
+        return tap, []
+    cast = helper.make_node("Cast", [tap.name], [name], to=TensorProto.FLOAT, name=f"{name}/Cast")
+    return dataclasses.replace(tap, name=name, elem_type=TensorProto.FLOAT), [cast]
 
 
 def _block_size(area: int) -> int:

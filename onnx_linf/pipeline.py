@@ -353,7 +353,7 @@ def bounds_exceedance(model: Model, taps: Sequence[Tap], clean: dict[str, Channe
     from .instrument import instrument_excess
 
     bounds = {t.name: (clean[t.name].pos_max, None if t.non_negative else clean[t.name].pos_min) for t in taps}
-    inst = instrument_excess(model, bounds)
+    inst = instrument_excess(model, bounds, {t.name: t.elem_type for t in taps})
     session = create_session(model, inst, provider)
     names = inst.output_names()
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}

@@ -816,7 +816,14 @@ def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
             if arr.shape[1:] != (h, w):
                 raise RewriteError(f"clamp bound {which} of '{tap}' has spatial shape {list(arr.shape[1:])}, "
                                    f"the map is {[h, w]}")
-    return arr.astype(dtype, copy=False), granularity
+    cast = arr.astype(dtype, copy=False)
+    if cast.dtype != arr.dtype and cast.dtype.kind == "f":
+        # Round outwards, never inwards: a bound rounded to nearest (float16) could cut a value
+        # the calibration images produced.
+        direction = np.inf if which == "hi" else -np.inf
+        short = cast.astype(arr.dtype) < arr if which == "hi" else cast.astype(arr.dtype) > arr
+        cast = np.where(short, np.nextafter(cast, np.asarray(direction, dtype=cast.dtype)), cast)
+    return cast, granularity
 
 
 def clamp_maps(model: Model, bounds: Mapping[str, ClampBound]) -> tuple[onnx.ModelProto, list[ClampRecord]]:

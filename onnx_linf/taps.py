@@ -71,6 +71,8 @@ class Tap:
     """True when the map is provably >= 0 (ends in Relu, Sigmoid, Clip(min >= 0), ...)."""
     is_last: bool = False
     """True for the map that feeds the classifier head."""
+    elem_type: int = onnx.TensorProto.FLOAT
+    """ONNX element type of the map (float16 in half-precision models; statistics are float32)."""
 
     @property
     def static_spatial(self) -> bool:
@@ -98,7 +100,7 @@ class GraphIndex:
         self.initializers = {init.name: init for init in graph.initializer}
         self.constants = {n.output[0]: n for n in self.nodes if n.op_type == "Constant"}
         self.graph_outputs = {o.name for o in graph.output}
-        self.shapes = _infer_shapes(proto)
+        self.shapes, self.types = _infer_shapes(proto)
 
     def node_name(self, node: onnx.NodeProto) -> str:
         """Name of a node, falling back to its position for unnamed nodes."""
@@ -123,22 +125,26 @@ class GraphIndex:
         return None if shape is None else len(shape)
 
 
-def _infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+def _infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | None, ...]], dict[str, int]]:
+    """Shapes and element types of the graph's tensors, as far as shape inference knows them."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:  # shape inference is best effort: a failure only loses shapes
         log.debug("shape inference failed: %s", exc)
         inferred = proto
     shapes: dict[str, tuple[int | str | None, ...]] = {}
+    types: dict[str, int] = {}
     graph = inferred.graph
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = int(tt.elem_type)
         if not tt.HasField("shape"):
             continue
         shapes[vi.name] = tuple(
             int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
         )
-    return shapes
+    return shapes, types
 
 
 def _is_per_channel_const(index: GraphIndex, name: str, channels: int | None) -> bool:
@@ -247,6 +253,7 @@ def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None
         source=index.node_name(start),
         chain=tuple(index.node_name(n) for n in chain),
         non_negative=_non_negative(index, chain[-1]),
+        elem_type=index.types.get(tensor, onnx.TensorProto.FLOAT),
     )
 
 
@@ -314,13 +321,11 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
     if head is not None:
         if head in found:
             old = found[head]
-            found[head] = Tap(old.name, old.channels, old.spatial, old.kind, old.source, old.chain,
-                              old.non_negative, is_last=True)
+            found[head] = dataclasses.replace(old, is_last=True)
         else:
             tap = _tap_for_tensor(index, head, kind="head")
             if tap is not None:
-                found[head] = Tap(tap.name, tap.channels, tap.spatial, tap.kind, tap.source, tap.chain,
-                                  tap.non_negative, is_last=True)
+                found[head] = dataclasses.replace(tap, is_last=True)
     merges = {t.source for t in found.values() if t.kind == "merge"}
     for name, tap in found.items():
         users = index.consumers.get(name, [])
@@ -376,4 +381,5 @@ def _tap_for_tensor(index: GraphIndex, tensor: str, kind: str) -> Tap | None:
         source=index.node_name(producer),
         chain=(index.node_name(producer),),
         non_negative=_non_negative(index, producer),
+        elem_type=index.types.get(tensor, onnx.TensorProto.FLOAT),
     )

@@ -278,3 +278,20 @@ def silu_cnn(opset: int = 17) -> onnx.ModelProto:
     f = g.node("Flatten", [p], "flatten", axis=1)
     out = g.gemm(f, 4, 3, "fc")
     return g.model(["N", 3, 8, 8], out, ["N", 3], opset=opset)
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model computing in float16: float initializers, inputs, outputs and value infos
+    converted (what a half-precision export for GPU deployment looks like)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                                                  init.name))
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(out, full_check=True)
+    return out
