@@ -346,6 +346,46 @@ class ResNet8(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1 project-BN (linear), plus
+    the input when stride and width allow."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Block output (no activation after the Add, as in MobileNetV2)."""
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetSmall(nn.Module):
+    """Stem conv w; inverted residual blocks w, 2w (stride 2), 2w, 4w (stride 2), 4w; 1x1 conv 8w."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU6(inplace=True),
+            InvertedResidual(w, w, 1, 4), InvertedResidual(w, 2 * w, 2, 4), InvertedResidual(2 * w, 2 * w, 1, 4),
+            InvertedResidual(2 * w, 4 * w, 2, 4), InvertedResidual(4 * w, 4 * w, 1, 4),
+            nn.Conv2d(4 * w, 8 * w, 1, bias=False), nn.BatchNorm2d(8 * w), nn.ReLU6(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8 * w, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map normalised [N, 3, 32, 32] input to [N, 10] logits."""
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 @dataclass(frozen=True)
 class Arch:
     """An architecture with the width and epoch budget that fit about 4 minutes on 2 CPU cores."""
@@ -364,6 +404,10 @@ ARCHS = {
     "resnet": Arch("resnet8", ResNet8, 16, 15,
                    "ResNet-8: stem conv16-BN-ReLU, basic blocks 16, 32 (stride 2), 64 (stride 2) with 1x1 Conv-BN "
                    "projection shortcuts where the shape changes, global average pool, linear 10"),
+    "mobilenet": Arch("mobilenet_small", MobileNetSmall, 24, 12,
+                      "MobileNetV2-style: stem conv24-BN-ReLU6, inverted residual blocks (expand 4, depthwise "
+                      "3x3, linear 1x1 projection, Add without activation) 24, 48 (stride 2), 48, 96 (stride 2), "
+                      "96, 1x1 conv192-BN-ReLU6, global average pool, linear 10"),
 }
 
 #: Model name -> (architecture key, attack kind or None).
@@ -374,6 +418,10 @@ MODELS: dict[str, tuple[str, str | None]] = {
     "resnet_clean": ("resnet", None),
     "resnet_badnets": ("resnet", "badnets"),
     "vgg_sig": ("vgg", "sig"),
+    "resnet_blended": ("resnet", "blended"),
+    "mobilenet_clean": ("mobilenet", None),
+    "mobilenet_badnets": ("mobilenet", "badnets"),
+    "mobilenet_blended": ("mobilenet", "blended"),
 }
 
 

@@ -42,6 +42,13 @@ class TensorSpec:
         return onnx.helper.tensor_dtype_to_np_dtype(self.elem_type).name
 
 
+#: Operators of quantized graphs: QDQ format (Quantize/DequantizeLinear around float ops) and
+#: QOperator format (integer kernels).
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "ConvInteger", "QLinearMatMul", "MatMulInteger", "QLinearAdd", "QLinearMul",
+                           "QLinearGlobalAveragePool", "QLinearAveragePool"})
+
+
 @dataclass(frozen=True)
 class Model:
     """A loaded, validated ONNX model."""
@@ -65,6 +72,11 @@ class Model:
     def base_dir(self) -> Path:
         """Folder external-data locations are relative to."""
         return self.path.parent
+
+    @property
+    def quantized_ops(self) -> list[str]:
+        """Quantization operators in the graph (QDQ pairs, QLinearConv, ConvInteger ...), sorted."""
+        return sorted({n.op_type for n in self.proto.graph.node if n.op_type in QUANTIZED_OPS})
 
 
 def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:

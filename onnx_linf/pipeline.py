@@ -276,6 +276,11 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
     ev_stats = None
     extra: dict = {}
+    if model.quantized_ops:
+        extra["notes"] = [
+            f"quantized model ({', '.join(model.quantized_ops)}): a measured conv output gets a second consumer, "
+            "so ONNX Runtime runs that conv on its float path instead of fusing it into an integer kernel; the "
+            "statistics approximate the deployed integer arithmetic"]
     if evidence is not None and (evidence.trigger is not None or evidence.suspect is not None):
         ev_stats = measure_evidence(probe, evidence, source, preprocess, config.batch_size, config.limit, progress)
     if suspects:
@@ -464,7 +469,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         VerificationError: the pruned model differs from the masked reference; nothing is written.
     """
     from .report import load_report
-    from .rewrite import mask_reference, zero_channels
+    from .rewrite import check_rewritable, mask_reference, zero_channels
     from .verify import require_ok, verify_model
 
     config = config or PruneConfig()
@@ -481,6 +486,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
 
         evidence = Evidence(synthesize=config.synthesize or SynthConfig())
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
+    check_rewritable(model)  # before any calibration pass
     if output is not None:
         check_output_path(output, [model.path], force)
     preprocess = scan_cfg.preprocess.resolve(model)
@@ -629,7 +635,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     """
     from .bounds import map_bound, stats_for, topk_for_quantile
     from .report import ModelInfo
-    from .rewrite import ClampBound, clamp_maps
+    from .rewrite import ClampBound, check_rewritable, clamp_maps
     from .verify import require_ok, verify_model
 
     config = config or ClampConfig()
@@ -638,6 +644,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if config.margin < 0:
         raise UsageError(f"--margin must be >= 0, got {config.margin}")
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
+    check_rewritable(model)  # before any calibration pass
     if output is not None:
         check_output_path(output, [model.path], force)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))

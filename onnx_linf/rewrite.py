@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from .errors import RewriteError
+from .errors import RewriteError, UnsupportedModelError
 from .load import Model
 from .taps import ZERO_PRESERVING, Tap
 
@@ -213,6 +213,21 @@ def _tensor_types(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tup
         types[init.name] = int(init.data_type)
         shapes[init.name] = tuple(init.dims)
     return types, shapes
+
+
+def check_rewritable(model: Model) -> None:
+    """Raise `UnsupportedModelError` for quantized graphs.
+
+    A node inserted between a Conv and its QuantizeLinear breaks ORT's fusion into an integer
+    kernel, so the model would run a different (float) path than the one deployed, and its outputs
+    change by more than any verification tolerance. Sanitize the float model, then quantize it.
+    """
+    ops = model.quantized_ops
+    if ops:
+        raise UnsupportedModelError(
+            f"{model.path.name} is quantized ({', '.join(ops[:3])}{', ...' if len(ops) > 3 else ''}): "
+            "onnx-linf rewrites float models",
+            hint="clamp or prune the float model, then quantize the result")
 
 
 def _np_dtype(tensor: str, facts: _Facts) -> np.dtype:
@@ -678,6 +693,7 @@ def zero_channels(model: Model, taps: Sequence[Tap], channels: Mapping[str, Sequ
         RewriteError: unknown tap, tap not in the graph, channel not an integer, out of range or
             listed twice.
     """
+    check_rewritable(model)
     source = model.proto
     facts = _Facts(source)
     work = _validated(taps, channels, facts)
@@ -845,6 +861,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound]) -> tuple[onnx.Mod
         RewriteError: unknown tensor, bound of the wrong shape or with NaN, ``lo > hi`` somewhere,
             or an opset older than 8 (no broadcasting Min/Max).
     """
+    check_rewritable(model)
     if model.opset and model.opset < 8:
         raise RewriteError(f"clamping needs opset >= 8 (broadcasting Min/Max); the model has opset {model.opset}")
     source = model.proto

@@ -315,6 +315,11 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
         if tap is not None and tap.name not in found:
             found[tap.name] = tap
     if not any(t.kind == "conv" for t in found.values()):
+        ops = model.quantized_ops
+        if ops:
+            raise NoTapsError(f"no float convolutional activation map in {model.path.name}: it is quantized "
+                              f"({', '.join(ops[:3])}{', ...' if len(ops) > 3 else ''}); scan the float model "
+                              "before quantization")
         raise NoTapsError(f"no convolutional activation map found in {model.path.name}: nothing to scan")
 
     head = _find_head_map(index)

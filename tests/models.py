@@ -295,3 +295,42 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.checker.check_model(out, full_check=True)
     return out
+
+
+def qdq_cnn(opset: int = 17) -> onnx.ModelProto:
+    """QDQ-quantized CNN: Q/DQ on the input, int8 weights behind DequantizeLinear, Conv -> Relu -> Q/DQ
+    -> GlobalAveragePool -> Flatten -> Gemm (the layout ORT's quantizer writes)."""
+    g = GraphBuilder(3)
+    u8 = lambda name, v: g.inits.append(numpy_helper.from_array(np.asarray(v, np.uint8), name)) or name  # noqa: E731
+    f32 = lambda name, v: g.inits.append(numpy_helper.from_array(np.asarray(v, np.float32), name)) or name  # noqa: E731
+    xq = g.node("QuantizeLinear", ["input", f32("in.s", 1 / 255), u8("in.z", 0)], "in_q")
+    xd = g.node("DequantizeLinear", [xq, "in.s", "in.z"], "in_dq")
+    w = numpy_helper.from_array(g.rng.integers(-60, 60, (8, 3, 3, 3)).astype(np.int8), "c1.wq")
+    g.inits.append(w)
+    wd = g.node("DequantizeLinear", ["c1.wq", f32("c1.ws", 0.01), _i8(g, "c1.wz")], "c1_wdq")
+    conv = g.node("Conv", [xd, wd], "c1", pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    relu = g.node("Relu", [conv], "r1")
+    aq = g.node("QuantizeLinear", [relu, f32("a.s", 0.05), u8("a.z", 0)], "a_q")
+    ad = g.node("DequantizeLinear", [aq, "a.s", "a.z"], "a_dq")
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [ad], "gap")], "flat")
+    out = g.gemm(flat, 8, 4, "fc")
+    return g.model(["N", 3, 8, 8], out, ["N", 4], opset=opset)
+
+
+def _i8(g: GraphBuilder, name: str) -> str:
+    g.inits.append(numpy_helper.from_array(np.array(0, np.int8), name))
+    return name
+
+
+def qlinear_cnn(opset: int = 17) -> onnx.ModelProto:
+    """QOperator-format model: only QLinearConv (integer in, integer out) between Q and DQ."""
+    g = GraphBuilder(4)
+    for name, value, dtype in (("x.s", 1 / 255, np.float32), ("x.z", 0, np.uint8), ("w.s", 0.01, np.float32),
+                               ("w.z", 0, np.int8), ("y.s", 0.05, np.float32), ("y.z", 0, np.uint8)):
+        g.inits.append(numpy_helper.from_array(np.array(value, dtype), name))
+    g.inits.append(numpy_helper.from_array(g.rng.integers(-60, 60, (4, 3, 3, 3)).astype(np.int8), "w.q"))
+    xq = g.node("QuantizeLinear", ["input", "x.s", "x.z"], "in_q")
+    yq = g.node("QLinearConv", [xq, "x.s", "x.z", "w.q", "w.s", "w.z", "y.s", "y.z"], "qconv",
+                pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    y = g.node("DequantizeLinear", [yq, "y.s", "y.z"], "out_dq")
+    return g.model(["N", 3, 8, 8], y, ["N", 4, 8, 8], opset=opset)
