@@ -14,7 +14,7 @@ Usage::
     python benchmarks/efficacy.py --cifar benchmarks/.cache/cifar   # + CIFAR-10 models, if trained
     python benchmarks/efficacy.py --out benchmarks/out/efficacy.md
 
-CIFAR-10 models come from ``benchmarks/cifar_models.py`` (trained from ../shared/data, never
+CIFAR-10 models come from ``benchmarks/cifar_models.py`` (trained on CIFAR-10 data that is never
 committed); without them only the fixtures are measured.
 """
 
