@@ -66,7 +66,7 @@ def synthesize_command(
     """Search the smallest trigger that sends clean images to each class, with forward passes only.
 
     A backdoor target needs a far smaller trigger than the other classes: Neural Cleanse's anomaly
-    index (median/MAD of the per-class mask norms) above --threshold flags it. Each trigger's ℓ∞
+    index (median/MAD of the per-class log mask norms) above --threshold flags it. Each trigger's ℓ∞
     evidence on the last activation map is reported alongside.
     """
     with user_errors():

@@ -63,12 +63,24 @@ def planted(model_file, tmp_path):
 
 def test_anomaly_index_on_hand_made_norms():
     norms = np.array([40.0, 42.0, 38.0, 41.0, 39.0, 5.0, 60.0])
-    index = anomaly_index(norms)
-    med = np.median(norms)
-    mad = np.median(np.abs(norms - med))
-    np.testing.assert_allclose(index, (med - norms) / (1.4826 * mad))
-    assert index[5] > 2 > index[6]  # small norm: positive (suspicious); large norm: negative
-    assert np.argmax(index) == 5
+    for scale, values in (("linear", norms), ("log", np.log(norms))):
+        index = anomaly_index(norms, scale)
+        med = np.median(values)
+        mad = np.median(np.abs(values - med))
+        np.testing.assert_allclose(index, (med - values) / (1.4826 * mad))
+        assert index[5] > 3.5 > index[6]  # small norm: positive (suspicious); large norm: negative
+        assert np.argmax(index) == 5
+    assert np.array_equal(anomaly_index(norms), anomaly_index(norms, "log"))
+
+
+def test_log_index_sees_a_small_trigger_that_a_heavy_upper_tail_hides():
+    """Hard-to-reach classes (large norms) inflate the linear MAD; ratios are what matter."""
+    norms = np.array([10.0, 350.0, 1024.0, 1024.0, 340.0, 1024.0, 270.0, 360.0, 385.0, 223.0])
+    linear, log = anomaly_index(norms, "linear"), anomaly_index(norms, "log")
+    assert linear[0] < 2.5 and log[0] > 5  # 35x smaller than the median, yet barely an outlier linearly
+    assert np.sort(log)[-2] < 1.5
+    with pytest.raises(ValueError):
+        anomaly_index(norms, "sqrt")
     # Every norm equal but one: MAD is 0, floored, so the odd one gets a large finite index.
     flat = anomaly_index(np.array([10.0, 10.0, 10.0, 10.0, 1.0]))
     assert flat[:4].tolist() == [0.0] * 4 and np.isfinite(flat[4]) and flat[4] > 100
