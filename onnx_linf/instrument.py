@@ -380,14 +380,8 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
         hi_name = f"{_PREFIX}/excess/{index}/hi"
         builder.initializers.append(numpy_helper.from_array(np.asarray(hi, np.float32)[None], hi_name))
         over = builder.uid("over")
-        nodes: list[onnx.NodeProto] = []
-        producer = producer_of[tap]
-        if (elem_types or {}).get(tap, TensorProto.FLOAT) != TensorProto.FLOAT:
-            cast = f"{_PREFIX}/excess/{index}/float32"
-            nodes.append(helper.make_node("Cast", [tap], [cast], to=TensorProto.FLOAT, name=builder.uid("Cast")))
-            tap_in = cast
-        else:
-            tap_in = tap
+        elem_type = (elem_types or {}).get(tap, TensorProto.FLOAT)
+        tap_in, nodes = _as_float32(tap, elem_type, f"{_PREFIX}/excess/{index}/float32")
         nodes.append(helper.make_node("Sub", [tap_in, hi_name], [over], name=builder.uid("Sub")))
         if lo is not None:
             lo_name = f"{_PREFIX}/excess/{index}/lo"
@@ -406,7 +400,7 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
                   helper.make_node("Cast", [flag], [flag_f], to=TensorProto.FLOAT, name=builder.uid("Cast")),
                   builder.reduce("ReduceMean", flag_f, (1, 2, 3), frac),
                   builder.reduce("ReduceMax", pos, (1, 2, 3), mx)]
-        inserts.setdefault(producer, []).extend(nodes)
+        inserts.setdefault(producer_of[tap], []).extend(nodes)
         for name, stat in ((frac, "excess_frac"), (mx, "excess_max")):
             added[name] = TapOutput(tap, stat)
             value_infos.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
@@ -417,17 +411,24 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
                         base=model.proto, added=delta)
 
 
-def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
-    """The tap itself when it is float32; else a Cast of it to float32 and a tap standing for that.
+def _as_float32(tensor: str, elem_type: int, name: str) -> tuple[str, list[onnx.NodeProto]]:
+    """`tensor` itself when it is float32; else `name`, the output of a Cast to float32, and that node.
 
     Statistics are float32 whatever the model computes in: a float16 map's maximum converts
     exactly, and its sums are then taken in float32, as for any other map (within the same 1e-5
     of float64 numpy; a float16 sum would be ~1e-3 off). The cast is one more pass over the map.
     """
-    if tap.elem_type == TensorProto.FLOAT:
-        return tap, []
-    cast = helper.make_node("Cast", [tap.name], [name], to=TensorProto.FLOAT, name=f"{name}/Cast")
-    return dataclasses.replace(tap, name=name, elem_type=TensorProto.FLOAT), [cast]
+    if elem_type == TensorProto.FLOAT:
+        return tensor, []
+    return name, [helper.make_node("Cast", [tensor], [name], to=TensorProto.FLOAT, name=f"{name}/Cast")]
+
+
+def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
+    """The tap, or a tap standing for its float32 cast (see `_as_float32`), and the nodes that make it."""
+    source, nodes = _as_float32(tap.name, tap.elem_type, name)
+    if not nodes:
+        return tap, nodes
+    return dataclasses.replace(tap, name=source, elem_type=TensorProto.FLOAT), nodes
 
 
 def _block_size(area: int) -> int:

@@ -12,8 +12,10 @@ from typer.testing import CliRunner
 
 from onnx_linf.calibrate import create_session
 from onnx_linf.cli.app import app
+from onnx_linf.data import Trigger
 from onnx_linf.instrument import instrument
 from onnx_linf.load import load_model
+from onnx_linf.pipeline import PreprocessOptions
 from onnx_linf.taps import find_taps
 
 import models
@@ -67,6 +69,20 @@ def test_float16_badnets_scan_clamp_and_prune(fixtures_dir, tmp_path):
                                                   "--layers", "last", *evidence]])
     assert scan.exit_code == 0, scan.stderr
     assert json.loads(scan.stdout)["taps"][0]["flagged"]
+
+    # Suspect images (the test set, stamped) against the clean per-position range, cast in-graph too.
+    suspect = tmp_path / "suspect.npz"
+    test = np.load(fixtures_dir / "digits_test.npz")
+    pre = PreprocessOptions().resolve(load_model(path))
+    trig = Trigger.from_files(fixtures_dir / "digits_badnets_trigger.png", fixtures_dir / "digits_badnets_mask.png",
+                              pre)
+    np.savez(suspect, x=trig.stamp(test["x"][:64]))
+    scan = runner.invoke(app, [str(a) for a in ["scan", path, "--calib", calib, "--json", "-", "-q", "--limit", "64",
+                                                  "--suspect", suspect]])
+    assert scan.exit_code == 0, scan.stderr
+    exceed = json.loads(scan.stdout)["extra"]["bounds_exceedance"]
+    assert set(exceed) == {"relu1_out", "relu2_out", "relu3_out"}
+    assert all(v["images"] == 64 and v["max_relative_excess"] > 0.1 for v in exceed.values()), exceed
 
     out = tmp_path / "clamped.onnx"
     clamp = runner.invoke(app, [str(a) for a in ["clamp", path, "--calib", calib, "-o", out, "-q",
