@@ -127,6 +127,8 @@ def prune_command(
         if eval_data is not None:
             console.print(evaluation_table([("original", ev["before"]), ("pruned", ev["after"])]))
         console.print(f"[bold green]wrote[/] {output}")
+        for note in report.extra.get("notes") or ():
+            console.print(f"[yellow]note[/] {note}")
     raise typer.Exit(ExitCode.OK)
 
 

@@ -84,6 +84,8 @@ def scan_command(
         if "synthesis" in report.extra:
             console.print(synthesis_table(report.extra["synthesis"]))
         console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
+        for note in report.extra.get("notes") or ():
+            console.print(f"[yellow]note[/] {note}")
         _next_steps(model, calib, report.policy["evidence"])
     if fail_on_suspect and report.verdict == "suspected":
         raise typer.Exit(ExitCode.SUSPECTED)

@@ -54,6 +54,11 @@ class PreprocessOptions:
                                      scale=self.scale, mean=self.mean, std=self.std)
 
 
+#: Trigger success rate above which a pruning ratio chosen by the accuracy budget is reported as
+#: not removing the backdoor (the issue's "removed" is ASR <= 10%).
+RESIDUAL_ASR = 0.10
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Options of a scan."""
@@ -475,6 +480,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     config = config or PruneConfig()
     scan_cfg = config.scan
     swept: SweepResult | None = None
+    notes: list[str] = []
     scan_cfg.validate()
     if config.evidence not in ("required", "none"):
         raise UsageError(f"--evidence must be 'required' or 'none', got {config.evidence!r}")
@@ -539,6 +545,11 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                 raise UsageError(f"no pruning ratio keeps the accuracy drop within {config.max_acc_drop:g} "
                                  f"(best: {max(swept.rows, key=lambda r: r.accuracy)})")
             scan_cfg = dataclasses.replace(scan_cfg, ratio=swept.chosen.ratio)
+            if swept.chosen.asr > RESIDUAL_ASR:
+                notes.append(
+                    f"within the accuracy budget the best ratio ({swept.chosen.ratio:g}) leaves the trigger's "
+                    f"success rate at {100 * swept.chosen.asr:.0f}% on the labelled images: pruning does not "
+                    "remove this backdoor; the clamp (onnx-linf clamp) needs no trigger")
         flagged = score_and_flag(scan_cfg, clean, ev_stats)
 
     editable = _load_with_weights(model)
@@ -571,6 +582,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
             "output": None if output is None else str(output),
             "sweep": None if swept is None else swept.to_dict(),
             "synthesis": None if evidence is None or evidence.synthesis is None else evidence.synthesis.to_dict(),
+            "notes": notes,
         },
     )
     return PruneResult(report=report, proto=pruned)

@@ -240,3 +240,20 @@ def test_prune_acceptance_on_badnets_fixture(fx, tmp_path):
     ev = json.loads(r.stdout)["extra"]["evaluation"]
     assert ev["before"]["asr"] >= 0.95 and ev["after"]["asr"] <= 0.10
     assert ev["after"]["accuracy"] >= ev["before"]["accuracy"] - 0.03
+
+
+@pytest.mark.parametrize("budget, warned", [(0.001, True), (0.03, False)])
+def test_prune_says_when_the_accuracy_budget_leaves_the_backdoor_in(fx, fixtures_dir, budget, warned):
+    """The sweep's own numbers tell whether the chosen ratio removed the trigger; a note says so."""
+    labels = fixtures_dir / "digits_calib_labelled.npz"
+    cfg = PruneConfig(scan=ScanConfig(layers="last", provider="cpu"), max_acc_drop=budget, labels=labels,
+                      target=0)
+    result = prune(fx.model, fx.calib, cfg, evidence=Evidence(trigger=fx.trigger, mask=fx.mask))
+    chosen = result.report.extra["sweep"]["chosen"]
+    notes = result.report.extra["notes"]
+    assert (chosen["asr"] > 0.10) == warned
+    if warned:
+        assert len(notes) == 1 and f"best ratio ({chosen['ratio']:g})" in notes[0]
+        assert "pruning does not remove this backdoor" in notes[0] and "onnx-linf clamp" in notes[0]
+    else:
+        assert notes == []
