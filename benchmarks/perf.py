@@ -251,6 +251,24 @@ def _probe_runner(path: Path, batches: list[np.ndarray], layers: str, stats: tup
     return (lambda: probe.measure(source, pre, n)), len(taps)
 
 
+def _clamped_runner(path: Path, batches: list[np.ndarray]) -> tuple[Callable, int]:
+    """Plain inference of the model `onnx-linf clamp` writes (position bounds, q = 100, all maps),
+    bounds taken on the same batches: what the clamp costs a deployment."""
+    import onnxruntime as ort
+
+    from onnx_linf.data import FeedSource
+    from onnx_linf.pipeline import ClampConfig, clamp
+
+    result = clamp(path, FeedSource(batches), ClampConfig(provider="cpu", batch_size=batches[0].shape[0]))
+    session = ort.InferenceSession(result.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run() -> None:
+        for x in batches:
+            session.run(None, {name: x})
+    return run, len(result.records)
+
+
 def _reduce_runner(path: Path, batches: list[np.ndarray], stats: tuple[str, ...]) -> tuple[Callable, int]:
     """The naive in-graph form: ReduceMax(Abs)/ReduceL1/ReduceL2 per map, fed through the same loop."""
     from onnx_linf.calibrate import create_session, run_batches
@@ -330,6 +348,8 @@ def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detai
         variants.append((Row("naive in-graph Reduce* (all maps)", n, ",".join(ALL_NORMS)), run))
     run, n = _raw_runner(path, batches)
     variants.append((Row("whole activations + numpy", n, ",".join(ALL_NORMS)), run))
+    run, n = _clamped_runner(path, batches)
+    variants.append((Row("clamped model (position, q=100), plain inference", n, "-"), run))
     for _, run in variants:  # warm-up: first runs allocate
         run()
     for r in range(rounds):
