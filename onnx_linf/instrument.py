@@ -139,11 +139,14 @@ class _Builder:
             self.initializers.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{_PREFIX}/zero1"))
             self.initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{_PREFIX}/one1"))
         shape, n, k, idx = self.uid("shape"), self.uid("n"), self.uid("k"), self.uid("idx")
-        # Shape -> Slice keeps opset 11..14 working (Shape's start/end attributes came in 15).
+        smaller = self.uid("smaller")
+        # Shape -> Slice keeps opset 11..14 working (Shape's start/end attributes came in 15), and
+        # Where(Less) rather than Min, which takes int64 only from opset 12 on.
         return [
             helper.make_node("Shape", [x], [shape], name=self.uid("Shape")),
             helper.make_node("Slice", [shape, f"{_PREFIX}/zero1", f"{_PREFIX}/one1"], [n], name=self.uid("Slice")),
-            helper.make_node("Min", [n, k_name], [k], name=self.uid("Min")),
+            helper.make_node("Less", [n, k_name], [smaller], name=self.uid("Less")),
+            helper.make_node("Where", [smaller, n, k_name], [k], name=self.uid("Where")),
             helper.make_node("TopK", [x, k], [out, idx], axis=0, largest=int(largest), sorted=0,
                              name=self.uid("TopK")),
         ]
