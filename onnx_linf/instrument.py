@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import UsageError
 from .load import Model
 from .taps import Tap
 
@@ -132,7 +133,21 @@ class _Builder:
         return helper.make_node(op, [x], [out], axes=list(axes), keepdims=0, name=self.uid(op))
 
     def topk_nodes(self, x: str, out: str, largest: bool) -> list[onnx.NodeProto]:
-        """TopK over the batch axis with K = min(k, batch): a last batch may be smaller than k."""
+        """The k largest (smallest) values over the batch axis, [min(k, batch), C, H, W].
+
+        k = 1 (the clamp's default, q = 100) is a ReduceMax/ReduceMin with keepdims, in every opset.
+        Otherwise TopK with K = min(k, batch) computed in-graph (a last batch may be smaller than
+        k): K became an input in opset 10 and `largest` an attribute in 11, so opset 10 takes the
+        smallest values as -TopK(-x); older opsets cannot, and get a clear error.
+        """
+        if self.topk == 1:
+            op = "ReduceMax" if largest else "ReduceMin"
+            if self.opset >= 18:
+                return [helper.make_node(op, [x, self.axes_input((0,))], [out], keepdims=1, name=self.uid(op))]
+            return [helper.make_node(op, [x], [out], axes=[0], keepdims=1, name=self.uid(op))]
+        if self.opset < 10:
+            raise UsageError(f"quantiles below 100 need opset >= 10 (TopK with a K input); the model has "
+                             f"opset {self.opset}", hint="use --quantile 100, or convert the model to a newer opset")
         k_name = f"{_PREFIX}/topk_k"
         if not any(init.name == k_name for init in self.initializers):
             self.initializers.append(numpy_helper.from_array(np.array([self.topk], dtype=np.int64), k_name))
@@ -140,16 +155,23 @@ class _Builder:
             self.initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{_PREFIX}/one1"))
         shape, n, k, idx = self.uid("shape"), self.uid("n"), self.uid("k"), self.uid("idx")
         smaller = self.uid("smaller")
-        # Shape -> Slice keeps opset 11..14 working (Shape's start/end attributes came in 15), and
+        # Shape -> Slice keeps opsets 10..14 working (Shape's start/end attributes came in 15), and
         # Where(Less) rather than Min, which takes int64 only from opset 12 on.
-        return [
+        nodes = [
             helper.make_node("Shape", [x], [shape], name=self.uid("Shape")),
             helper.make_node("Slice", [shape, f"{_PREFIX}/zero1", f"{_PREFIX}/one1"], [n], name=self.uid("Slice")),
             helper.make_node("Less", [n, k_name], [smaller], name=self.uid("Less")),
             helper.make_node("Where", [smaller, n, k_name], [k], name=self.uid("Where")),
-            helper.make_node("TopK", [x, k], [out, idx], axis=0, largest=int(largest), sorted=0,
-                             name=self.uid("TopK")),
         ]
+        if self.opset >= 11:
+            return nodes + [helper.make_node("TopK", [x, k], [out, idx], axis=0, largest=int(largest), sorted=0,
+                                             name=self.uid("TopK"))]
+        if largest:
+            return nodes + [helper.make_node("TopK", [x, k], [out, idx], axis=0, name=self.uid("TopK"))]
+        neg, top = self.uid("neg"), self.uid("top")
+        return nodes + [helper.make_node("Neg", [x], [neg], name=self.uid("Neg")),
+                        helper.make_node("TopK", [neg, k], [top, idx], axis=0, name=self.uid("TopK")),
+                        helper.make_node("Neg", [top], [out], name=self.uid("Neg"))]
 
     def const(self, name: str, value: np.ndarray) -> str:
         """A shared initializer (created once per name)."""

@@ -133,3 +133,30 @@ def test_clamp_removes_badnets_on_fixture_without_trigger(fixtures_dir, tmp_path
     assert ev["after"]["accuracy"] >= ev["before"]["accuracy"] - 0.01
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
     assert (tmp_path / "safe.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [10, 11, 17])
+def test_two_sided_quantile_bounds_in_every_topk_form(model_file, tmp_path, opset):
+    """k-th largest / k-th smallest per element, streamed in batches of 7: opset 10 takes the
+    smallest as -TopK(-x) (its TopK has no `largest`), 11+ uses `largest=0`."""
+    model = load_model(model_file(models.nhwc_input(opset)))
+    calib, x = pixel_source(tmp_path, 30, 8, 8, 3, seed=5)
+    result = clamp(model, calib, ClampConfig(provider="cpu", quantile=90, batch_size=7))
+    k = topk_for_quantile(90, 30)
+    taps = find_taps(model)
+    raw = instrument(model, taps, stats=("raw",))
+    acts = create_session(model, raw.proto, "cpu").run(raw.output_names(), Preprocess.from_model(model).apply(x))
+    assert any(b.lo is not None for b in result.bounds)  # the LeakyRelu map is two-sided
+    for bound, act in zip(result.bounds, acts):
+        ordered = np.sort(act, axis=0)
+        np.testing.assert_array_equal(bound.hi, ordered[-k])
+        if bound.lo is not None:
+            np.testing.assert_array_equal(bound.lo, ordered[k - 1])
+
+
+def test_old_opsets_clamp_at_q100_and_refuse_lower_quantiles_clearly(model_file, tmp_path):
+    model = load_model(model_file(models.nhwc_input(9)))
+    calib, _ = pixel_source(tmp_path, 12, 8, 8, 3)
+    assert clamp(model, calib, ClampConfig(provider="cpu")).records  # q = 100: ReduceMax/Min, any opset
+    with pytest.raises(UsageError, match="quantiles below 100 need opset >= 10"):
+        clamp(model, calib, ClampConfig(provider="cpu", quantile=90))
