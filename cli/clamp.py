@@ -19,6 +19,7 @@ from .console import BarProgress, console, user_errors, write_json
 from .evaluate import evaluation_table
 from .exit_codes import ExitCode
 from .prune import EvalData, Output, Target
+from .render import print_notes
 
 
 def clamp_command(
@@ -73,8 +74,7 @@ def clamp_command(
         write_json(json_out, json.dumps(report, indent=2))
     if not quiet:
         console.print(bounds_table(report))
-        for note in report["notes"]:
-            console.print(f"[yellow]note[/] {note}")
+        print_notes(report["notes"])
         v = report["verification"]
         if v is not None:
             console.print(f"[bold]verified[/] {', '.join(f'{k}: {val}' for k, val in v['checks'].items())}")

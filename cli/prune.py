@@ -19,6 +19,7 @@ from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .evaluate import evaluation_table
 from .exit_codes import ExitCode
+from .render import print_notes
 
 Output = Annotated[Path, typer.Option("--output", "-o", help="Where to write the pruned model (never the input).")]
 EvalData = Annotated[Optional[Path], typer.Option("--eval-data", help="Labelled data to show clean ACC and ASR "
@@ -127,8 +128,7 @@ def prune_command(
         if eval_data is not None:
             console.print(evaluation_table([("original", ev["before"]), ("pruned", ev["after"])]))
         console.print(f"[bold green]wrote[/] {output}")
-        for note in report.extra.get("notes") or ():
-            console.print(f"[yellow]note[/] {note}")
+        print_notes(report.extra.get("notes"))
     raise typer.Exit(ExitCode.OK)
 
 

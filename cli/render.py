@@ -70,3 +70,9 @@ def synthesis_table(synthesis: dict) -> Table:
         share = "" if c["concentration"] is None else f"{c['concentration']:.2f}"
         table.add_row(str(c["target"]), f"{c['mask_l1']:.1f}", f"{c['asr']:.2f}", share, f"{c['anomaly']:.2f}", mark)
     return table
+
+
+def print_notes(notes: list[str] | None) -> None:
+    """A report's notes (things a reader must know about the numbers), one line each."""
+    for note in notes or ():
+        console.print(f"[yellow]note[/] {note}")

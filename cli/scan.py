@@ -13,7 +13,7 @@ from onnx_linf.pipeline import Evidence, ScanConfig, scan
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
-from .render import flagged_lines, model_summary, synthesis_table, taps_table
+from .render import flagged_lines, model_summary, print_notes, synthesis_table, taps_table
 
 
 def scan_command(
@@ -84,8 +84,7 @@ def scan_command(
         if "synthesis" in report.extra:
             console.print(synthesis_table(report.extra["synthesis"]))
         console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
-        for note in report.extra.get("notes") or ():
-            console.print(f"[yellow]note[/] {note}")
+        print_notes(report.extra.get("notes"))
         _next_steps(model, calib, report.policy["evidence"])
     if fail_on_suspect and report.verdict == "suspected":
         raise typer.Exit(ExitCode.SUSPECTED)
