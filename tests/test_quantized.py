@@ -35,6 +35,8 @@ def test_qdq_model_scans_with_a_note(tmp_path):
     assert [(t["name"], t["kind"]) for t in report["taps"]] == [("r1_out", "conv"), ("a_dq_out", "head")]
     assert report["taps"][0]["stats"]["linf"]["max"][0] > 0
     assert "quantized model (DequantizeLinear, QuantizeLinear)" in report["extra"]["notes"][0]
+    shown = invoke("scan", path, "--calib", calib(tmp_path), "--provider", "cpu")
+    assert shown.exit_code == ExitCode.OK and "note quantized model" in shown.stderr
 
 
 def test_qdq_model_is_never_rewritten(tmp_path):
