@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import typer
 from rich.table import Table
 
@@ -26,6 +27,7 @@ def inspect_command(model: o.ModelArg, json_out: o.JsonOut = None) -> None:
             "input": {"name": m.input.name, "shape": list(m.input.shape), "dtype": m.input.dtype_name},
             "outputs": [{"name": out.name, "shape": list(out.shape)} for out in m.outputs],
             "taps": [{"name": t.name, "kind": t.kind, "channels": t.channels, "spatial": list(t.spatial),
+                      "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
                       "is_last": t.is_last, "non_negative": t.non_negative, "chain": list(t.chain)} for t in taps],
         }
         stdout.out(json.dumps(data, indent=2))

@@ -69,6 +69,8 @@ def test_float16_badnets_scan_clamp_and_prune(fixtures_dir, tmp_path):
                                                   "--layers", "last", *evidence]])
     assert scan.exit_code == 0, scan.stderr
     assert json.loads(scan.stdout)["taps"][0]["flagged"]
+    inspected = json.loads(runner.invoke(app, ["inspect", str(path), "--json", "-"]).stdout)
+    assert {t["dtype"] for t in inspected["taps"]} == {"float16"}
 
     # Suspect images (the test set, stamped) against the clean per-position range, cast in-graph too.
     suspect = tmp_path / "suspect.npz"
