@@ -9,6 +9,7 @@ themselves by float rounding).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 import time
 
@@ -140,8 +141,9 @@ def executed_nodes(model, proto, x) -> list[str]:
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.run(None, {model.input.name: x})
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
+    path = Path(session.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()  # ORT writes the profile into the working directory
     return [e["name"][: -len("_kernel_time")] for e in events
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
 
