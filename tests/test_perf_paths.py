@@ -9,9 +9,9 @@ themselves by float rounding).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
