@@ -311,7 +311,7 @@ class SynthResult:
         }
 
 
-def anomaly_index(norms: np.ndarray, scale: str = "log") -> np.ndarray:
+def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | None = None) -> np.ndarray:
     """Neural Cleanse's anomaly index of per-class trigger norms, signed towards small norms.
 
     ``(median - v) / (1.4826 * MAD)`` of v = log(norm) (``scale="log"``, the default) or v = norm
@@ -331,9 +331,16 @@ def anomaly_index(norms: np.ndarray, scale: str = "log") -> np.ndarray:
     classes by a factor of 1.9 (5.0 / 2.7) where the linear one had 1.1 (2.1 / 1.9), and the 3.5
     threshold sits between them with room on both sides.
 
+    Classes whose search did not reach the ASR (`found` False) carry the image area as their norm:
+    a lower bound, not a measurement. When at least three classes were found, the median and MAD
+    come from those only. Otherwise, with half the classes at the same area value, the MAD is 0 and
+    every class that was found looks anomalous (measured on a MobileNetV2-style Blended model with 6
+    of 10 classes not found: four classes over the threshold; from the found ones, only the target).
+
     Args:
         norms: per-class norms, 1-D (positive for the log scale; zeros are floored at 1e-12).
         scale: ``log`` or ``linear``.
+        found: per class, whether its norm is a measurement (None: all are).
 
     Returns:
         float64 array of the same length (all zeros for fewer than 3 classes: no median to deviate from).
@@ -352,8 +359,9 @@ def anomaly_index(norms: np.ndarray, scale: str = "log") -> np.ndarray:
         return np.zeros_like(x)
     if scale == "log":
         x = np.log(np.maximum(x, 1e-12))
-    med = float(np.median(x))
-    mad = float(np.median(np.abs(x - med)))
+    measured = x if found is None or int(np.sum(found)) < 3 else x[np.asarray(found, dtype=bool)]
+    med = float(np.median(measured))
+    mad = float(np.median(np.abs(measured - med)))
     if mad == 0.0:
         mad = 1e-3 * max(abs(med), 1.0 if scale == "log" else 1e-12)
     return (med - x) / (MAD_CONSISTENCY * mad)
@@ -1119,7 +1127,8 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
         progress.finish()
 
     searched = [t.target for t in results]
-    index = anomaly_index(np.array([t.norm for t in results]), config.scale) if results else np.zeros(0)
+    index = (anomaly_index(np.array([t.norm for t in results]), config.scale, np.array([t.found for t in results]))
+             if results else np.zeros(0))
     anomaly = {c: float(v) for c, v in zip(searched, index)}
     suspected = suspected_classes(searched, index, config.threshold)
     return SynthResult(triggers=tuple(results), anomaly=anomaly, suspected=suspected, threshold=config.threshold,

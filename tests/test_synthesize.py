@@ -73,6 +73,22 @@ def test_anomaly_index_on_hand_made_norms():
     assert np.array_equal(anomaly_index(norms), anomaly_index(norms, "log"))
 
 
+def test_classes_not_found_do_not_set_the_baseline():
+    """Not-found classes carry the image area (a bound, not a measurement); with most of them at
+    the same value the MAD would be 0 and every found class an outlier."""
+    area = 1024.0
+    norms = np.array([108.4, 378.7, area, area, 533.0, area, area, 486.0, area, area])
+    found = norms < area
+    everyone = anomaly_index(norms)
+    assert (everyone > 3.5).sum() == 4  # the degenerate baseline: four "targets"
+    index = anomaly_index(norms, found=found)
+    assert np.flatnonzero(index > 3.5).tolist() == [0]
+    assert np.all(index[~found] < 0)
+    # Fewer than three found: no baseline among them; the one found class stands out from the rest.
+    few = np.array([20.0, area, area, area, area])
+    assert np.flatnonzero(anomaly_index(few, found=few < area) > 3.5).tolist() == [0]
+
+
 def test_log_index_sees_a_small_trigger_that_a_heavy_upper_tail_hides():
     """Hard-to-reach classes (large norms) inflate the linear MAD; ratios are what matter."""
     norms = np.array([10.0, 350.0, 1024.0, 1024.0, 340.0, 1024.0, 270.0, 360.0, 385.0, 223.0])
