@@ -346,7 +346,7 @@ def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | Non
         float64 array of the same length (all zeros for fewer than 3 classes: no median to deviate from).
 
     Raises:
-        ValueError: `norms` is not 1-D or holds non-finite values.
+        ValueError: `norms` is not 1-D or holds non-finite values, or `found` has another shape.
     """
     x = np.asarray(norms, dtype=np.float64)
     if x.ndim != 1:
@@ -355,6 +355,8 @@ def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | Non
         raise ValueError("norms must be finite")
     if scale not in ("log", "linear"):
         raise ValueError(f"scale must be log or linear, got {scale!r}")
+    if found is not None and np.shape(found) != x.shape:
+        raise ValueError(f"found must have the shape of norms {x.shape}, got {np.shape(found)}")
     if x.size < 3:
         return np.zeros_like(x)
     if scale == "log":

@@ -87,6 +87,8 @@ def test_classes_not_found_do_not_set_the_baseline():
     # Fewer than three found: no baseline among them; the one found class stands out from the rest.
     few = np.array([20.0, area, area, area, area])
     assert np.flatnonzero(anomaly_index(few, found=few < area) > 3.5).tolist() == [0]
+    with pytest.raises(ValueError, match="found must have the shape of norms"):
+        anomaly_index(few, found=np.array([True, False]))
 
 
 def test_log_index_sees_a_small_trigger_that_a_heavy_upper_tail_hides():
