@@ -325,6 +325,19 @@ class Row:
     cpu: list[float] = field(default_factory=list)
 
 
+def timed_round(variants: list[tuple[Row, Callable[[], None]]], r: int) -> None:
+    """Run every variant once, starting at a different one each round (neighbours share the
+    machine's load), and add its wall and process CPU seconds to its row."""
+    k = r % len(variants)
+    for row, run in variants[k:] + variants[:k]:
+        u0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        run()
+        row.wall.append(time.perf_counter() - t0)
+        u1 = resource.getrusage(resource.RUSAGE_SELF)
+        row.cpu.append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
+
+
 def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detail: bool) -> tuple[list[Row], int]:
     from onnx_linf.load import load_model
     from onnx_linf.taps import find_taps
@@ -353,14 +366,7 @@ def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detai
     for _, run in variants:  # warm-up: first runs allocate
         run()
     for r in range(rounds):
-        k = r % len(variants)
-        for row, run in variants[k:] + variants[:k]:
-            u0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.perf_counter()
-            run()
-            row.wall.append(time.perf_counter() - t0)
-            u1 = resource.getrusage(resource.RUSAGE_SELF)
-            row.cpu.append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
+        timed_round(variants, r)
         print(f"  {name}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return [row for row, _ in variants], batch * spec.batches
 
@@ -429,14 +435,7 @@ def end_to_end(path: Path, folder: Path, batch: int, rounds: int) -> tuple[list[
     for _, run in variants:
         run()
     for r in range(rounds):
-        k = r % len(variants)
-        for row, run in variants[k:] + variants[:k]:
-            u0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.perf_counter()
-            run()
-            row.wall.append(time.perf_counter() - t0)
-            u1 = resource.getrusage(resource.RUSAGE_SELF)
-            row.cpu.append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
+        timed_round(variants, r)
         t0 = time.perf_counter()
         create_session(load_model(path), None, "cpu")
         t1 = time.perf_counter()
