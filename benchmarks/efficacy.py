@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_linf.data import ArraySource, ImageFolder, Preprocess, Trigger
-from onnx_linf.evaluate import evaluate
-from onnx_linf.flag import by_ratio, clean_scores, differential_scores
-from onnx_linf.load import Model, load_model
-from onnx_linf.pipeline import Probe
-from onnx_linf.rewrite import zero_channels
-from onnx_linf.taps import find_taps
+from onnx_linf.decide.flag import by_ratio, clean_scores, differential_scores
+from onnx_linf.measure.accuracy import evaluate
+from onnx_linf.measure.preprocess import Preprocess, Trigger
+from onnx_linf.measure.probe import Probe
+from onnx_linf.measure.sources import ArraySource, ImageFolder
+from onnx_linf.model.load import Model, load_model
+from onnx_linf.model.taps import find_taps
+from onnx_linf.rewrite.zero import zero_channels
 
 ROOT = Path(__file__).resolve().parent.parent
 RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -140,7 +141,7 @@ EXTRA_ROWS: list[Callable[[Case], list[Row]]] = []
 
 def _register_optional() -> None:
     try:
-        from onnx_linf.rewrite import clamp_maps  # noqa: F401
+        from onnx_linf.rewrite.clamp import clamp_maps  # noqa: F401
     except ImportError:
         return
     EXTRA_ROWS.append(clamp_rows)
@@ -148,7 +149,7 @@ def _register_optional() -> None:
 
 
 def clamp_rows(case: Case) -> list[Row]:
-    from onnx_linf.pipeline import ClampConfig, clamp
+    from onnx_linf.commands.clamp import ClampConfig, clamp
 
     rows = []
     selections = ["all", "last"]
@@ -167,7 +168,7 @@ def clamp_rows(case: Case) -> list[Row]:
 
 def baseline_rows(case: Case) -> list[Row]:
     """Trigger-free channel-pruning baselines: Fine-Pruning's dormant channels and data-free CLP."""
-    from onnx_linf.flag import by_threshold, clp_scores, dormant_scores
+    from onnx_linf.decide.flag import by_threshold, clp_scores, dormant_scores
 
     rows = []
     taps = find_taps(case.model, "last")

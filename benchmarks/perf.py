@@ -49,8 +49,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_linf.instrument import CHANNEL_STATS as ALL_NORMS  # the naive baselines compute all three
-from onnx_linf.instrument import DEFAULT_STATS
+from onnx_linf.measure.instrument import CHANNEL_STATS as ALL_NORMS  # the naive baselines compute all three
+from onnx_linf.measure.instrument import DEFAULT_STATS
 
 OPSET = 17
 
@@ -237,10 +237,11 @@ def _plain_runner(path: Path, batches: list[np.ndarray]) -> Callable[[], None]:
 
 
 def _probe_runner(path: Path, batches: list[np.ndarray], layers: str, stats: tuple[str, ...]) -> tuple[Callable, int]:
-    from onnx_linf.data import FeedSource, Preprocess
-    from onnx_linf.load import load_model
-    from onnx_linf.pipeline import Probe
-    from onnx_linf.taps import find_taps
+    from onnx_linf.measure.preprocess import Preprocess
+    from onnx_linf.measure.probe import Probe
+    from onnx_linf.measure.sources import FeedSource
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     model = load_model(path)
     taps = find_taps(model, layers)
@@ -256,8 +257,8 @@ def _clamped_runner(path: Path, batches: list[np.ndarray]) -> tuple[Callable, in
     bounds taken on the same batches: what the clamp costs a deployment."""
     import onnxruntime as ort
 
-    from onnx_linf.data import FeedSource
-    from onnx_linf.pipeline import ClampConfig, clamp
+    from onnx_linf.commands.clamp import ClampConfig, clamp
+    from onnx_linf.measure.sources import FeedSource
 
     result = clamp(path, FeedSource(batches), ClampConfig(provider="cpu", batch_size=batches[0].shape[0]))
     session = ort.InferenceSession(result.proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -271,12 +272,14 @@ def _clamped_runner(path: Path, batches: list[np.ndarray]) -> tuple[Callable, in
 
 def _reduce_runner(path: Path, batches: list[np.ndarray], stats: tuple[str, ...]) -> tuple[Callable, int]:
     """The naive in-graph form: ReduceMax(Abs)/ReduceL1/ReduceL2 per map, fed through the same loop."""
-    from onnx_linf.calibrate import create_session, run_batches
-    from onnx_linf.data import FeedSource, Preprocess
-    from onnx_linf.instrument import instrument
-    from onnx_linf.load import load_model
-    from onnx_linf.stats import StatsCollector
-    from onnx_linf.taps import find_taps
+    from onnx_linf.measure.calibrate import run_batches
+    from onnx_linf.measure.instrument import instrument
+    from onnx_linf.measure.preprocess import Preprocess
+    from onnx_linf.measure.session import create_session
+    from onnx_linf.measure.sources import FeedSource
+    from onnx_linf.measure.stats import StatsCollector
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     model = load_model(path)
     taps = find_taps(model, "all")
@@ -296,10 +299,10 @@ def _reduce_runner(path: Path, batches: list[np.ndarray], stats: tuple[str, ...]
 
 def _raw_runner(path: Path, batches: list[np.ndarray]) -> tuple[Callable, int]:
     """Whole activations as graph outputs, reduced in numpy (float32, as a user would write it)."""
-    from onnx_linf.calibrate import create_session
-    from onnx_linf.instrument import instrument
-    from onnx_linf.load import load_model
-    from onnx_linf.taps import find_taps
+    from onnx_linf.measure.instrument import instrument
+    from onnx_linf.measure.session import create_session
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     model = load_model(path)
     taps = find_taps(model, "all")
@@ -339,8 +342,8 @@ def timed_round(variants: list[tuple[Row, Callable[[], None]]], r: int) -> None:
 
 
 def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detail: bool) -> tuple[list[Row], int]:
-    from onnx_linf.load import load_model
-    from onnx_linf.taps import find_taps
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     batches = input_batches(spec, batch)
     variants: list[tuple[Row, Callable[[], None]]] = [(Row("plain inference", "-", "-"), _plain_runner(path, batches))]
@@ -373,10 +376,10 @@ def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detai
 
 def exactness(path: Path, side: int) -> dict[str, float]:
     """Largest relative difference of each pooled statistic to float64 numpy on the same session's raw map."""
-    from onnx_linf.calibrate import create_session
-    from onnx_linf.instrument import instrument
-    from onnx_linf.load import load_model
-    from onnx_linf.taps import find_taps
+    from onnx_linf.measure.instrument import instrument
+    from onnx_linf.measure.session import create_session
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     model = load_model(path)
     taps = find_taps(model, "all+branches")  # signed branch maps take other paths: check them too
@@ -403,11 +406,13 @@ def exactness(path: Path, side: int) -> dict[str, float]:
 
 def end_to_end(path: Path, folder: Path, batch: int, rounds: int) -> tuple[list[Row], int, dict[str, list[float]]]:
     """Steady-state loops over the JPEG folder (sessions made beforehand), and the one-time setup."""
-    from onnx_linf.calibrate import create_session, run_batches
-    from onnx_linf.data import ImageFolder, _decode
-    from onnx_linf.load import load_model
-    from onnx_linf.pipeline import PreprocessOptions, Probe
-    from onnx_linf.taps import find_taps
+    from onnx_linf.commands.options import PreprocessOptions
+    from onnx_linf.measure.calibrate import run_batches
+    from onnx_linf.measure.probe import Probe
+    from onnx_linf.measure.session import create_session
+    from onnx_linf.measure.sources import ImageFolder, _decode
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     model = load_model(path)
     pre = PreprocessOptions().resolve(model)
@@ -490,12 +495,12 @@ def _child(args: argparse.Namespace) -> None:
             if exc.code not in (None, 0, 1):
                 raise
         return
-    from onnx_linf.calibrate import create_session
+    from onnx_linf.measure.session import create_session
 
     side = args.child_side
     batches = [np.random.default_rng(0).normal(0, 1, (batch, 3, side, side)).astype(np.float32)] * runs
     if variant == "plain-lib":
-        from onnx_linf.load import load_model
+        from onnx_linf.model.load import load_model
 
         model = load_model(path)
         session = create_session(model, None, "cpu")
@@ -555,9 +560,9 @@ def profile(path: Path, spec: Spec, batch: int, rounds: int) -> list[str]:
 
     import onnxruntime as ort
 
-    from onnx_linf.instrument import instrument
-    from onnx_linf.load import load_model
-    from onnx_linf.taps import find_taps
+    from onnx_linf.measure.instrument import instrument
+    from onnx_linf.model.load import load_model
+    from onnx_linf.model.taps import find_taps
 
     model = load_model(path)
     taps = find_taps(model, "all")

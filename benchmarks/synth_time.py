@@ -40,9 +40,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnx_linf.data import ArraySource, Preprocess, open_source  # noqa: E402
-from onnx_linf.load import load_model  # noqa: E402
-from onnx_linf.synthesize import SynthConfig, SynthResult, synthesize  # noqa: E402
+from onnx_linf.decide.synthesis.results import SynthConfig, SynthResult  # noqa: E402
+from onnx_linf.decide.synthesis.synthesize import synthesize  # noqa: E402
+from onnx_linf.measure.preprocess import Preprocess  # noqa: E402
+from onnx_linf.measure.sources import ArraySource, open_source  # noqa: E402
+from onnx_linf.model.load import load_model  # noqa: E402
 
 FIXTURES = ROOT / "fixtures"
 
@@ -69,7 +71,7 @@ def moved_trigger_asr(model, preprocess: Preprocess, images: np.ndarray, trigger
     Tells a wrong synthetic trigger from a right one found elsewhere: models with global pooling and
     crop augmentation often answer a patch trigger wherever it is.
     """
-    from onnx_linf.calibrate import create_session
+    from onnx_linf.measure.session import create_session
 
     rows, cols = np.nonzero(synthetic > 0.5)
     rr, rc = np.nonzero(real > 0.5)

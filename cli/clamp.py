@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from onnx_linf.data import Trigger
+from onnx_linf.commands.clamp import ClampConfig, clamp
 from onnx_linf.errors import UsageError
-from onnx_linf.evaluate import before_after, open_labelled
-from onnx_linf.load import load_model
-from onnx_linf.pipeline import ClampConfig, clamp
+from onnx_linf.measure.accuracy import before_after, open_labelled
+from onnx_linf.measure.preprocess import Trigger
+from onnx_linf.model.load import load_model
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json

@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from onnx_linf.calibrate import Progress as LibraryProgress
 from onnx_linf.errors import LinfError
-from onnx_linf.files import atomic_write_text
+from onnx_linf.measure.calibrate import Progress as LibraryProgress
+from onnx_linf.model.files import atomic_write_text
 
 #: Humans read stderr; stdout carries only what was asked for (``--json -``). Off a terminal (CI
 #: logs) rich would wrap at 80 columns and cut tensor names; logs are read wide.

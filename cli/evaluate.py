@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from onnx_linf.data import Trigger
 from onnx_linf.errors import UsageError
-from onnx_linf.evaluate import Evaluation, evaluate, open_labelled
-from onnx_linf.load import load_model
+from onnx_linf.measure.accuracy import Evaluation, evaluate, open_labelled
+from onnx_linf.measure.preprocess import Trigger
+from onnx_linf.model.load import load_model
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json

@@ -8,8 +8,8 @@ import onnx
 import typer
 from rich.table import Table
 
-from onnx_linf.load import load_model
-from onnx_linf.taps import find_taps
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
 
 from . import options as o
 from .console import console, stdout, user_errors

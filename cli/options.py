@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from onnx_linf.commands.options import PreprocessOptions
 from onnx_linf.errors import UsageError
-from onnx_linf.pipeline import PreprocessOptions
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 CalibOpt = Annotated[Path, typer.Option("--calib", "-c", help="Clean calibration data: a folder of images "
@@ -99,7 +99,7 @@ TimeLimit = Annotated[Optional[float], typer.Option("--time-limit", help="Wall-c
 
 def synth_config(classes: str | None, seed: int, max_queries: int | None, time_limit: float | None):
     """The library's synthesis options from CLI values."""
-    from onnx_linf.synthesize import SynthConfig
+    from onnx_linf.decide.synthesis.results import SynthConfig
 
     from .synthesize import parse_classes
 

@@ -9,11 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from onnx_linf.data import Trigger
+from onnx_linf.commands.evidence import Evidence
+from onnx_linf.commands.options import ScanConfig
+from onnx_linf.commands.prune import PruneConfig, prune
 from onnx_linf.errors import UsageError
-from onnx_linf.evaluate import before_after, open_labelled
-from onnx_linf.load import load_model
-from onnx_linf.pipeline import Evidence, PruneConfig, ScanConfig, prune
+from onnx_linf.measure.accuracy import before_after, open_labelled
+from onnx_linf.measure.preprocess import Trigger
+from onnx_linf.model.load import load_model
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
@@ -114,7 +116,7 @@ def prune_command(
         write_json(json_out, report.to_json())
     if not quiet:
         if report.extra.get("sweep"):
-            from onnx_linf.pipeline import SweepResult, SweepRow
+            from onnx_linf.commands.ratio import SweepResult, SweepRow
 
             from .sweep import sweep_table
 

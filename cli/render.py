@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from rich.table import Table
 
-from onnx_linf.report import ScanReport
+from onnx_linf.report.types import ScanReport
 
 from .console import console
 

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from onnx_linf.commands.evidence import Evidence
+from onnx_linf.commands.options import ScanConfig
+from onnx_linf.commands.scan import scan
 from onnx_linf.errors import UsageError
-from onnx_linf.pipeline import Evidence, ScanConfig, scan
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json

@@ -9,9 +9,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from onnx_linf.commands.evidence import Evidence
+from onnx_linf.commands.options import ScanConfig
+from onnx_linf.commands.ratio import RATIO_GRID, SweepResult
+from onnx_linf.commands.sweep import sweep_model
 from onnx_linf.errors import UsageError
-from onnx_linf.files import atomic_write
-from onnx_linf.pipeline import RATIO_GRID, Evidence, ScanConfig, SweepResult, sweep_model
+from onnx_linf.model.files import atomic_write
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json

@@ -10,11 +10,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from onnx_linf.data import open_source
+from onnx_linf.decide.synthesis.results import SynthConfig, SynthResult
+from onnx_linf.decide.synthesis.synthesize import synthesize
+from onnx_linf.decide.synthesis.triggers import write_triggers
 from onnx_linf.errors import UsageError
-from onnx_linf.load import load_model
-from onnx_linf.report import ModelInfo
-from onnx_linf.synthesize import SynthConfig, SynthResult, synthesize, write_triggers
+from onnx_linf.measure.sources import open_source
+from onnx_linf.model.load import load_model
+from onnx_linf.report.types import ModelInfo
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json

@@ -10,6 +10,12 @@ The library is usable without the CLI. Typical use::
 
 __version__ = "0.1.0"
 
+from .commands.clamp import ClampConfig, ClampResult, clamp  # noqa: E402
+from .commands.evidence import Evidence  # noqa: E402
+from .commands.options import PreprocessOptions, ScanConfig  # noqa: E402
+from .commands.prune import PruneConfig, PruneResult, prune  # noqa: E402
+from .commands.scan import scan  # noqa: E402
+from .commands.sweep import sweep_model  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationDataError,
     LinfError,
@@ -21,23 +27,33 @@ from .errors import (  # noqa: E402
     UsageError,
     VerificationError,
 )
-from .load import Model, load_model  # noqa: E402
-from .pipeline import (  # noqa: E402
-    ClampConfig,
-    Evidence,
-    PreprocessOptions,
-    PruneConfig,
-    ScanConfig,
-    clamp,
-    prune,
-    scan,
-    sweep_model,
-)
-from .taps import Tap, find_taps  # noqa: E402
+from .model.load import Model, load_model  # noqa: E402
+from .model.taps import Tap, find_taps  # noqa: E402
 
 __all__ = [
-    "CalibrationDataError", "ClampConfig", "Evidence", "LinfError", "Model", "ModelLoadError", "NoTapsError",
-    "PreprocessOptions", "PruneConfig", "RewriteError", "RuntimeSessionError", "ScanConfig", "Tap",
-    "UnsupportedModelError", "UsageError", "VerificationError", "__version__", "clamp", "find_taps",
-    "load_model", "prune", "scan", "sweep_model",
+    "CalibrationDataError",
+    "ClampConfig",
+    "ClampResult",
+    "Evidence",
+    "LinfError",
+    "Model",
+    "ModelLoadError",
+    "NoTapsError",
+    "PreprocessOptions",
+    "PruneConfig",
+    "PruneResult",
+    "RewriteError",
+    "RuntimeSessionError",
+    "ScanConfig",
+    "Tap",
+    "UnsupportedModelError",
+    "UsageError",
+    "VerificationError",
+    "__version__",
+    "clamp",
+    "find_taps",
+    "load_model",
+    "prune",
+    "scan",
+    "sweep_model",
 ]

@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from onnx_linf.bounds import topk_for_quantile
-from onnx_linf.calibrate import create_session
 from onnx_linf.cli.app import app
-from onnx_linf.data import ImageFolder, Preprocess
+from onnx_linf.commands.clamp import ClampConfig, clamp
+from onnx_linf.commands.options import PreprocessOptions
+from onnx_linf.decide.bounds import topk_for_quantile
 from onnx_linf.errors import UsageError
-from onnx_linf.instrument import instrument
-from onnx_linf.load import load_model
-from onnx_linf.pipeline import ClampConfig, PreprocessOptions, clamp
-from onnx_linf.taps import find_taps
+from onnx_linf.measure.instrument import instrument
+from onnx_linf.measure.preprocess import Preprocess
+from onnx_linf.measure.session import create_session
+from onnx_linf.measure.sources import ImageFolder
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
 
 import models
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnx_linf.data import ArraySource, ImageFolder, Preprocess, Trigger, open_source
 from onnx_linf.errors import CalibrationDataError, UsageError
-from onnx_linf.load import load_model
+from onnx_linf.measure.preprocess import Preprocess, Trigger
+from onnx_linf.measure.sources import ArraySource, ImageFolder, open_source
+from onnx_linf.model.load import load_model
 
 import models
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnx_linf.decide.flag import by_outliers, by_ratio, differential_scores, robust_z, top_k
 from onnx_linf.errors import UsageError
-from onnx_linf.flag import by_outliers, by_ratio, differential_scores, robust_z, top_k
-from onnx_linf.stats import ChannelStats, Moments
+from onnx_linf.measure.stats import ChannelStats, Moments
 
 
 def test_ratio_flags_top_fraction_per_tap():

@@ -10,13 +10,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from onnx_linf.calibrate import create_session
 from onnx_linf.cli.app import app
-from onnx_linf.data import Trigger
-from onnx_linf.instrument import instrument
-from onnx_linf.load import load_model
-from onnx_linf.pipeline import PreprocessOptions
-from onnx_linf.taps import find_taps
+from onnx_linf.commands.options import PreprocessOptions
+from onnx_linf.measure.instrument import instrument
+from onnx_linf.measure.preprocess import Trigger
+from onnx_linf.measure.session import create_session
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
 
 import models
 
@@ -112,7 +112,7 @@ def test_float16_clamp_bounds_round_outwards(model_file):
     """A float32 bound between two float16 values becomes the outer one: clean values are never cut."""
     from onnx import numpy_helper
 
-    from onnx_linf.rewrite import ClampBound, clamp_maps
+    from onnx_linf.rewrite.clamp import ClampBound, clamp_maps
 
     model = load_model(model_file(models.to_float16(models.resnet_block())))
     tap = next(t for t in find_taps(model, "all+branches") if not t.non_negative)

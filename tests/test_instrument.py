@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_linf.calibrate import create_session
-from onnx_linf.instrument import instrument
-from onnx_linf.load import load_model
-from onnx_linf.taps import find_taps
+from onnx_linf.measure.instrument import instrument
+from onnx_linf.measure.session import create_session
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
 
 import models
 

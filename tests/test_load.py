@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_linf.calibrate import create_session
 from onnx_linf.errors import ModelLoadError, NoTapsError, UnsupportedModelError
-from onnx_linf.load import load_model, real_inputs
-from onnx_linf.taps import find_taps
+from onnx_linf.measure.session import create_session
+from onnx_linf.model.load import load_model, real_inputs
+from onnx_linf.model.taps import find_taps
 
 import models
 

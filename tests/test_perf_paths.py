@@ -18,19 +18,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnx_linf.calibrate import (
-    PROVIDERS,
-    BatchChoice,
-    Session,
-    auto_batch_size,
-    create_session,
-    prefetch,
-    run_batches,
-)
-from onnx_linf.data import FeedSource, Preprocess
-from onnx_linf.instrument import instrument
-from onnx_linf.load import load_model
-from onnx_linf.taps import Tap, find_taps
+from onnx_linf.measure.calibrate import BatchChoice, auto_batch_size, prefetch, run_batches
+from onnx_linf.measure.instrument import instrument
+from onnx_linf.measure.preprocess import Preprocess
+from onnx_linf.measure.session import PROVIDERS, Session, create_session
+from onnx_linf.measure.sources import FeedSource
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import Tap, find_taps
 
 import models
 

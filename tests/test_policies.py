@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
+from onnx_linf.decide.flag import by_ratio, by_threshold, clp_scores, dormant_scores
 from onnx_linf.errors import UsageError
-from onnx_linf.flag import by_ratio, by_threshold, clp_scores, dormant_scores
-from onnx_linf.load import load_model
-from onnx_linf.stats import ChannelStats, Moments
-from onnx_linf.taps import find_taps
+from onnx_linf.measure.stats import ChannelStats, Moments
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
 
 import models
 

@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import onnx_linf.rewrite
+import onnx_linf.commands.prune as prune_command
 from onnx_linf.cli.app import app
 from onnx_linf.cli.exit_codes import ExitCode
+from onnx_linf.commands.evidence import Evidence
+from onnx_linf.commands.options import ScanConfig
+from onnx_linf.commands.prune import PruneConfig, prune
 from onnx_linf.errors import VerificationError
-from onnx_linf.pipeline import Evidence, PruneConfig, ScanConfig, prune
 
 runner = CliRunner()
 
@@ -57,8 +59,9 @@ def test_prune_with_trigger_writes_verified_model_and_keeps_input(fx, tmp_path):
 
 def fake_synthesis(suspected: tuple[int, ...], monkeypatch):
     """Replace the (slow) trigger search by a fixed result: class 0's trigger is the real BadNets one."""
-    import onnx_linf.synthesize as synth
-    from onnx_linf.data import Preprocess, Trigger
+    import onnx_linf.commands.evidence as evidence_module
+    import onnx_linf.decide.synthesis.results as synth
+    from onnx_linf.measure.preprocess import Preprocess, Trigger
 
     fx_dir = Path(__file__).resolve().parent.parent / "fixtures"
     real = Trigger.from_files(fx_dir / "digits_badnets_trigger.png", fx_dir / "digits_badnets_mask.png",
@@ -71,7 +74,7 @@ def fake_synthesis(suspected: tuple[int, ...], monkeypatch):
         anomaly = {c: (5.0 if c in suspected else 0.0) for c in range(10)}
         return synth.SynthResult(triggers, anomaly, suspected, config.threshold, 1000, 0.1, config)
 
-    monkeypatch.setattr(synth, "synthesize", fake)
+    monkeypatch.setattr(evidence_module, "synthesize", fake)  # where the command looks it up
 
 
 def test_prune_without_evidence_synthesizes(fx, tmp_path, monkeypatch):
@@ -135,14 +138,14 @@ def test_existing_output_needs_force(fx, tmp_path):
 
 
 def test_failed_verification_writes_nothing_and_exits_1(fx, tmp_path, monkeypatch):
-    real = onnx_linf.rewrite.zero_channels
+    real = prune_command.zero_channels
 
     def wrong(model, taps, channels, **kw):
         # Zero one channel too many: the result no longer equals the masked reference.
         extra = {t: sorted(set(c) | {(max(c) + 1) % 32}) for t, c in channels.items()}
         return real(model, taps, extra, **kw)
 
-    monkeypatch.setattr(onnx_linf.rewrite, "zero_channels", wrong)
+    monkeypatch.setattr(prune_command, "zero_channels", wrong)
     out = tmp_path / "bad.onnx"
     result = invoke("prune", fx.model, "--calib", fx.calib, "--trigger", fx.trigger, "--mask", fx.mask, "-o", out,
                     "--limit", "64")
@@ -224,7 +227,7 @@ def test_sweep_table_json_and_plot(fx, tmp_path):
 
 
 def test_choose_ratio_respects_budget():
-    from onnx_linf.pipeline import SweepRow, choose_ratio
+    from onnx_linf.commands.ratio import SweepRow, choose_ratio
 
     rows = [SweepRow(0.1, 2, 0.98, 0.9), SweepRow(0.2, 4, 0.97, 0.3), SweepRow(0.3, 6, 0.90, 0.0)]
     assert choose_ratio(rows, 0.99, 0.02).ratio == 0.2

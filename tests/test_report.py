@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 
-from onnx_linf.data import Preprocess, Trigger
-from onnx_linf.pipeline import Evidence, ScanConfig, scan
-from onnx_linf.report import SCHEMA_VERSION, ScanReport, load_report
+from onnx_linf.commands.evidence import Evidence
+from onnx_linf.commands.options import ScanConfig
+from onnx_linf.commands.scan import scan
+from onnx_linf.measure.preprocess import Preprocess, Trigger
+from onnx_linf.report.reader import load_report
+from onnx_linf.report.types import SCHEMA_VERSION, ScanReport
 
 
 def test_report_round_trips(fixtures_dir, tmp_path):

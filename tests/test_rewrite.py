@@ -10,12 +10,14 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_linf.calibrate import create_session
 from onnx_linf.errors import RewriteError
-from onnx_linf.instrument import instrument
-from onnx_linf.load import load_model
-from onnx_linf.rewrite import ClampBound, clamp_maps, mask_reference, zero_channels
-from onnx_linf.taps import find_taps
+from onnx_linf.measure.instrument import instrument
+from onnx_linf.measure.session import create_session
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
+from onnx_linf.rewrite.clamp import ClampBound, clamp_maps
+from onnx_linf.rewrite.reference import mask_reference
+from onnx_linf.rewrite.zero import zero_channels
 
 import models
 

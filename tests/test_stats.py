@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from onnx_linf.instrument import TapOutput
-from onnx_linf.stats import ChannelStats, Moments, StatsCollector, TopK
+from onnx_linf.measure.instrument import TapOutput
+from onnx_linf.measure.stats import ChannelStats, Moments, StatsCollector, TopK
 
 values = arrays(np.float64, st.tuples(st.integers(1, 40), st.integers(1, 6)),
                 elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False))

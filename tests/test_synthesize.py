@@ -9,12 +9,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from onnx_linf.calibrate import Session, create_session
 from onnx_linf.cli.synthesize import synthesize_command
-from onnx_linf.data import ArraySource, FeedSource, Preprocess, Trigger
+from onnx_linf.decide.synthesis.results import SynthConfig
+from onnx_linf.decide.synthesis.synthesize import synthesize
+from onnx_linf.decide.synthesis.triggers import write_triggers
+from onnx_linf.decide.synthesis.verdict import anomaly_index
 from onnx_linf.errors import CalibrationDataError, UsageError
-from onnx_linf.load import load_model
-from onnx_linf.synthesize import SynthConfig, anomaly_index, synthesize, write_triggers
+from onnx_linf.measure.preprocess import Preprocess, Trigger
+from onnx_linf.measure.session import Session, create_session
+from onnx_linf.measure.sources import ArraySource, FeedSource
+from onnx_linf.model.load import load_model
 
 import models
 
@@ -228,18 +232,18 @@ def test_digits_fixture_smoke(fixtures_dir):
 def test_calibration_pool_is_spread_over_the_source(tmp_path):
     from PIL import Image
 
-    from onnx_linf.data import ImageFolder
-    from onnx_linf.synthesize import _read_pool
+    from onnx_linf.decide.synthesis.oracle import read_pool
+    from onnx_linf.measure.sources import ImageFolder
 
     # Image i is filled with the value i: which images were read is visible in the pixels.
     x = np.repeat(np.arange(100, dtype=np.uint8), 4 * 4).reshape(100, 4, 4, 1)
     np.save(tmp_path / "x.npy", x)
-    pool = _read_pool(ArraySource(tmp_path / "x.npy"), 10)
+    pool = read_pool(ArraySource(tmp_path / "x.npy"), 10)
     assert pool[:, 0, 0, 0].tolist() == np.linspace(0, 99, 10).round().astype(int).tolist()
     # A class-per-folder tree lists class 0 first: the pool must still reach the last class.
     for k in range(4):
         (tmp_path / "tree" / f"c{k}").mkdir(parents=True)
         for i in range(5):
             Image.fromarray(np.full((4, 4), 10 * k + i, np.uint8)).save(tmp_path / "tree" / f"c{k}" / f"{i}.png")
-    pool = _read_pool(ImageFolder(tmp_path / "tree", (4, 4), "L"), 4)
+    pool = read_pool(ImageFolder(tmp_path / "tree", (4, 4), "L"), 4)
     assert sorted({int(v) // 10 for v in pool[:, 0, 0, 0]}) == [0, 1, 2, 3]

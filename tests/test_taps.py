@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from onnx_linf.errors import UnsupportedModelError
-from onnx_linf.load import load_model
-from onnx_linf.taps import find_taps
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
 
 import models
 

@@ -10,12 +10,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import onnx_linf.verify as verify_module
+import onnx_linf.rewrite.verify as verify_module
 from onnx_linf.errors import VerificationError
-from onnx_linf.load import load_model
-from onnx_linf.rewrite import mask_reference, zero_channels
-from onnx_linf.taps import find_taps
-from onnx_linf.verify import VerifyResult, require_ok, verify_model
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
+from onnx_linf.rewrite.reference import mask_reference
+from onnx_linf.rewrite.verify import VerifyResult, require_ok, verify_model
+from onnx_linf.rewrite.zero import zero_channels
 
 import models
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
-from .stats import ChannelStats
-from .taps import Tap
+from ..errors import UsageError
+from ..measure.stats import ChannelStats
+from ..model.taps import Tap
 
 GRANULARITIES = ("position", "channel")
+
 
 
 def topk_for_quantile(quantile: float, images: int) -> int:
@@ -33,7 +34,10 @@ def topk_for_quantile(quantile: float, images: int) -> int:
     return images - rank + 1
 
 
+
 @dataclass(frozen=True)
+
+
 class MapBound:
     """Bounds of one map, ready for `rewrite.clamp_maps`."""
 
@@ -47,6 +51,7 @@ class MapBound:
     """float32 lower bound of the same shape for maps that go negative, else None."""
 
 
+
 def stats_for(granularity: str, two_sided: bool) -> tuple[str, ...]:
     """Instrumented statistics a granularity needs."""
     if granularity == "position":
@@ -54,6 +59,7 @@ def stats_for(granularity: str, two_sided: bool) -> tuple[str, ...]:
     if granularity == "channel":
         return ("img_max", "img_min") if two_sided else ("img_max",)
     raise UsageError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+
 
 
 def map_bound(tap: Tap, stats: ChannelStats, granularity: str, margin: float = 0.0) -> MapBound:

@@ -21,37 +21,48 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import UsageError
-from .load import Model
-from .taps import Tap
+from ..errors import UsageError
+from ..model.load import Model
+from ..model.taps import Tap
 
 #: Per-image, per-channel statistics: output shape [N, C].
 CHANNEL_STATS = ("linf", "l1", "l2")
+
 #: What a scan measures unless asked otherwise: ℓ∞ (the method's statistic) and ℓ1 (the norm the
 #: paper contrasts it with; one cheap pass on a non-negative map). ℓ2 needs x*x written out in full
 #: and read back, which no pooling op on ORT's blocked layout avoids: on ResNet-50 (batch 16, 49
 #: maps) it is the costliest statistic by far (see benchmarks/README.md), so it is measured on request
 #: or when it is the ranking score.
 DEFAULT_STATS = ("linf", "l1")
+
 #: Per-batch, per-position extremes over the batch axis: output shape [C, H, W].
 POSITION_STATS = ("pos_max", "pos_min")
+
 #: Per-batch per-channel extremes over batch and space: output shape [C].
 BATCH_STATS = ("chan_max", "chan_min")
+
 #: Per-batch k largest / smallest values over the batch axis at each position: [min(k, n), C, H, W].
 #: Streaming quantiles of clamp bounds come from these (see `stats.TopK`).
 TOPK_STATS = ("pos_top", "pos_bottom")
+
 #: Per-image per-channel max / min over H, W (signed, no Abs): output shape [N, C].
 IMAGE_STATS = ("img_max", "img_min")
+
 #: The whole activation, for tests and debugging only: shape [N, C, H, W].
 RAW = "raw"
+
 #: Statistics the ``pool`` method computes with global pools on ORT's blocked layout.
 POOLED_STATS = ("linf", "l1", "l2", "img_max", "chan_max")
+
 ALL_STATS = CHANNEL_STATS + POSITION_STATS + BATCH_STATS + TOPK_STATS + IMAGE_STATS + (RAW,)
 
-_PREFIX = "onnx_linf"
+PREFIX = "onnx_linf"
+
 
 
 @dataclass(frozen=True)
+
+
 class TapOutput:
     """What one added graph output holds."""
 
@@ -61,7 +72,10 @@ class TapOutput:
     """One of `ALL_STATS`."""
 
 
+
 @dataclass(frozen=True)
+
+
 class Instrumented:
     """A model with reduction outputs added.
 
@@ -101,6 +115,7 @@ class Instrumented:
         return list(self.outputs)
 
 
+
 class _Builder:
     """Creates reduction nodes with the signature the model's opset wants."""
 
@@ -116,11 +131,11 @@ class _Builder:
 
     def uid(self, base: str) -> str:
         self.counter += 1
-        return f"{_PREFIX}/{self.counter}/{base}"
+        return f"{PREFIX}/{self.counter}/{base}"
 
     def axes_input(self, axes: tuple[int, ...]) -> str:
         if axes not in self._axes:
-            name = f"{_PREFIX}/axes_{'_'.join(map(str, axes))}"
+            name = f"{PREFIX}/axes_{'_'.join(map(str, axes))}"
             self.initializers.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), name))
             self._axes[axes] = name
         return self._axes[axes]
@@ -148,18 +163,18 @@ class _Builder:
         if self.opset < 10:
             raise UsageError(f"quantiles below 100 need opset >= 10 (TopK with a K input); the model has "
                              f"opset {self.opset}", hint="use --quantile 100, or convert the model to a newer opset")
-        k_name = f"{_PREFIX}/topk_k"
+        k_name = f"{PREFIX}/topk_k"
         if not any(init.name == k_name for init in self.initializers):
             self.initializers.append(numpy_helper.from_array(np.array([self.topk], dtype=np.int64), k_name))
-            self.initializers.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{_PREFIX}/zero1"))
-            self.initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{_PREFIX}/one1"))
+            self.initializers.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{PREFIX}/zero1"))
+            self.initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{PREFIX}/one1"))
         shape, n, k, idx = self.uid("shape"), self.uid("n"), self.uid("k"), self.uid("idx")
         smaller = self.uid("smaller")
         # Shape -> Slice keeps opsets 10..14 working (Shape's start/end attributes came in 15), and
         # Where(Less) rather than Min, which takes int64 only from opset 12 on.
         nodes = [
             helper.make_node("Shape", [x], [shape], name=self.uid("Shape")),
-            helper.make_node("Slice", [shape, f"{_PREFIX}/zero1", f"{_PREFIX}/one1"], [n], name=self.uid("Slice")),
+            helper.make_node("Slice", [shape, f"{PREFIX}/zero1", f"{PREFIX}/one1"], [n], name=self.uid("Slice")),
             helper.make_node("Less", [n, k_name], [smaller], name=self.uid("Less")),
             helper.make_node("Where", [smaller, n, k_name], [k], name=self.uid("Where")),
         ]
@@ -175,7 +190,7 @@ class _Builder:
 
     def const(self, name: str, value: np.ndarray) -> str:
         """A shared initializer (created once per name)."""
-        full = f"{_PREFIX}/{name}"
+        full = f"{PREFIX}/{name}"
         if full not in self._consts:
             self.initializers.append(numpy_helper.from_array(value, full))
             self._consts.add(full)
@@ -323,6 +338,7 @@ class _Builder:
         raise ValueError(f"unknown statistic {stat!r}")
 
 
+
 def instrument(
     model: Model,
     taps: Sequence[Tap],
@@ -363,12 +379,12 @@ def instrument(
     producer_of = {out: i for i, node in enumerate(model.proto.graph.node) for out in node.output}
     for tap_index, tap in enumerate(taps):
         wanted = list(stats) + [s for s in (per_tap_stats or {}).get(tap.name, ()) if s not in stats]
-        pooled = {s: f"{_PREFIX}/{tap_index}/{s}" for s in wanted if s in POOLED_STATS} if method == "pool" else {}
-        view, nodes = _float32_view(tap, f"{_PREFIX}/{tap_index}/float32")
+        pooled = {s: f"{PREFIX}/{tap_index}/{s}" for s in wanted if s in POOLED_STATS} if method == "pool" else {}
+        view, nodes = _float32_view(tap, f"{PREFIX}/{tap_index}/float32")
         if pooled:
             nodes += builder.pooled_nodes(view, pooled)
         for stat in wanted:
-            out = f"{_PREFIX}/{tap_index}/{stat}"
+            out = f"{PREFIX}/{tap_index}/{stat}"
             if stat not in pooled:
                 nodes.extend(builder.nodes_for(view, stat, out))
             added[out] = TapOutput(tap.name, stat)
@@ -380,6 +396,7 @@ def instrument(
     delta.graph.output.extend(value_infos)
     return Instrumented(outputs=added, original_outputs=tuple(o.name for o in model.proto.graph.output),
                         base=model.proto, added=delta)
+
 
 
 def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
@@ -402,22 +419,22 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
     added: dict[str, TapOutput] = {}
     value_infos = []
     for index, (tap, (hi, lo)) in enumerate(bounds.items()):
-        hi_name = f"{_PREFIX}/excess/{index}/hi"
+        hi_name = f"{PREFIX}/excess/{index}/hi"
         builder.initializers.append(numpy_helper.from_array(np.asarray(hi, np.float32)[None], hi_name))
         over = builder.uid("over")
         elem_type = (elem_types or {}).get(tap, TensorProto.FLOAT)
-        tap_in, nodes = _as_float32(tap, elem_type, f"{_PREFIX}/excess/{index}/float32")
+        tap_in, nodes = _as_float32(tap, elem_type, f"{PREFIX}/excess/{index}/float32")
         nodes.append(helper.make_node("Sub", [tap_in, hi_name], [over], name=builder.uid("Sub")))
         if lo is not None:
-            lo_name = f"{_PREFIX}/excess/{index}/lo"
+            lo_name = f"{PREFIX}/excess/{index}/lo"
             builder.initializers.append(numpy_helper.from_array(np.asarray(lo, np.float32)[None], lo_name))
             under, both = builder.uid("under"), builder.uid("both")
             nodes += [helper.make_node("Sub", [lo_name, tap_in], [under], name=builder.uid("Sub")),
                       helper.make_node("Max", [over, under], [both], name=builder.uid("Max"))]
             over = both
         pos, flag, flag_f = builder.uid("pos"), builder.uid("flag"), builder.uid("flag_f")
-        frac, mx = f"{_PREFIX}/excess/{index}/frac", f"{_PREFIX}/excess/{index}/max"
-        zero = f"{_PREFIX}/zero_f"
+        frac, mx = f"{PREFIX}/excess/{index}/frac", f"{PREFIX}/excess/{index}/max"
+        zero = f"{PREFIX}/zero_f"
         if not any(i.name == zero for i in builder.initializers):
             builder.initializers.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
         nodes += [helper.make_node("Relu", [over], [pos], name=builder.uid("Relu")),
@@ -436,6 +453,7 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
                         base=model.proto, added=delta)
 
 
+
 def _as_float32(tensor: str, elem_type: int, name: str) -> tuple[str, list[onnx.NodeProto]]:
     """`tensor` itself when it is float32; else `name`, the output of a Cast to float32, and that node.
 
@@ -448,6 +466,7 @@ def _as_float32(tensor: str, elem_type: int, name: str) -> tuple[str, list[onnx.
     return name, [helper.make_node("Cast", [tensor], [name], to=TensorProto.FLOAT, name=f"{name}/Cast")]
 
 
+
 def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
     """The tap, or a tap standing for its float32 cast (see `_as_float32`), and the nodes that make it."""
     source, nodes = _as_float32(tap.name, tap.elem_type, name)
@@ -456,11 +475,13 @@ def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
     return dataclasses.replace(tap, name=source, elem_type=TensorProto.FLOAT), nodes
 
 
+
 def _block_size(area: int) -> int:
     """Side k of the blocks `spatial_mean` pre-sums (1: none): about area**(1/4), a power of two."""
     if area <= 256:
         return 1
     return min(32, max(4, 2 ** round(np.log2(area) / 4)))
+
 
 
 def _append_by_tap(graph: onnx.GraphProto, inserts: Mapping[int, Sequence[onnx.NodeProto]]) -> None:

@@ -16,16 +16,20 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
+
 
 #: Operator domains ONNX Runtime's default build executes. A node from any other domain needs a
 #: custom-op library we do not have, so the model could not be run for calibration.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
 
 
+
 @dataclass(frozen=True)
+
+
 class TensorSpec:
     """Name, element type and shape of a graph input or output."""
 
@@ -41,7 +45,6 @@ class TensorSpec:
         """Numpy-style name of the element type, e.g. ``float32``."""
         return onnx.helper.tensor_dtype_to_np_dtype(self.elem_type).name
 
-
 #: Operators of quantized graphs: QDQ format (Quantize/DequantizeLinear around float ops) and
 #: QOperator format (integer kernels).
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
@@ -49,7 +52,10 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
                            "QLinearGlobalAveragePool", "QLinearAveragePool"})
 
 
+
 @dataclass(frozen=True)
+
+
 class Model:
     """A loaded, validated ONNX model."""
 
@@ -79,6 +85,7 @@ class Model:
         return sorted({n.op_type for n in self.proto.graph.node if n.op_type in QUANTIZED_OPS})
 
 
+
 def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = value_info.type.tensor_type
     dims: list[int | str | None] = []
@@ -93,12 +100,14 @@ def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value_info.name, int(tensor_type.elem_type), tuple(dims))
 
 
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
@@ -119,6 +128,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
     return uses_external
 
 
+
 def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are fed at run time.
 
@@ -127,6 +137,7 @@ def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """
     initializer_names = {init.name for init in graph.initializer}
     return [vi for vi in graph.input if vi.name not in initializer_names]
+
 
 
 def load_model(path: str | os.PathLike) -> Model:

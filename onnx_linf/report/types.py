@@ -1,4 +1,4 @@
-"""Stage 9: machine-readable reports (frozen dataclasses -> JSON).
+"""Machine-readable reports: frozen dataclasses, one per command, each with one ``to_json()``.
 
 Every report carries `schema_version`; bump it when a field changes meaning or disappears.
 """
@@ -6,20 +6,14 @@ Every report carries `schema_version`; bump it when a field changes meaning or d
 from __future__ import annotations
 
 import json
-import math
-import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
-
-from . import __version__
-from .errors import CalibrationDataError
-from .flag import Flagged
-from .load import Model
-from .stats import ChannelStats
-from .taps import Tap
+from .. import __version__
+from ..decide.flag import Flagged
+from ..measure.stats import ChannelStats
+from ..model.load import Model
+from ..model.taps import Tap
+from .json import jsonable
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +21,10 @@ SCHEMA_VERSION = 1
 VERDICTS = ("clean", "suspected", "not-assessed")
 
 
+
 @dataclass(frozen=True)
+
+
 class ModelInfo:
     """Identity of the input model."""
 
@@ -48,7 +45,10 @@ class ModelInfo:
         return cls(str(model.path), model.sha256, model.opset, model.input.name, list(model.input.shape))
 
 
+
 @dataclass(frozen=True)
+
+
 class NormStats:
     """Aggregates of one per-image statistic over the calibration images, per channel."""
 
@@ -62,7 +62,10 @@ class NormStats:
     """Smallest value over images."""
 
 
+
 @dataclass(frozen=True)
+
+
 class TapReport:
     """Everything measured and decided about one tap."""
 
@@ -86,7 +89,10 @@ class TapReport:
     """Same aggregates on trigger-stamped / suspect images, when evidence was given."""
 
 
+
 @dataclass(frozen=True)
+
+
 class ScanReport:
     """Result of `onnx_linf.scan` (and the base of the prune/clamp reports)."""
 
@@ -123,7 +129,7 @@ class ScanReport:
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary (numpy values converted, non-finite floats as null)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def to_json(self, indent: int | None = 2) -> str:
         """Serialise to JSON text."""
@@ -145,12 +151,14 @@ class ScanReport:
         return cls(**kwargs)
 
 
+
 def norm_stats(stats: ChannelStats) -> dict[str, NormStats]:
     """Report form of a tap's per-image statistics."""
     return {
         name: NormStats(m.mean.tolist(), m.std.tolist(), m.max.tolist(), m.min.tolist())
         for name, m in stats.moments.items()
     }
+
 
 
 def tap_reports(taps: list[Tap], clean: dict[str, ChannelStats], flagged: Flagged | None,
@@ -167,46 +175,3 @@ def tap_reports(taps: list[Tap], clean: dict[str, ChannelStats], flagged: Flagge
             evidence_stats=None if evidence is None else norm_stats(evidence[tap.name]),
         ))
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def load_report(path: str | os.PathLike) -> ScanReport:
-    """Read a report written by ``--json``.
-
-    Raises:
-        CalibrationDataError: unreadable file, not JSON, or not an onnx-linf report.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationDataError(f"report not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CalibrationDataError(f"cannot read report {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("tool") != "onnx-linf" or "taps" not in data:
-        raise CalibrationDataError(f"{path} is not an onnx-linf report")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise CalibrationDataError(
-            f"{path} has report schema {data.get('schema_version')}, this onnx-linf reads {SCHEMA_VERSION}")
-    try:
-        return ScanReport.from_dict(data)
-    except (KeyError, TypeError) as exc:
-        raise CalibrationDataError(f"{path} is not a valid onnx-linf report ({exc})") from None

@@ -29,28 +29,37 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import NoTapsError, UnsupportedModelError
+from ..errors import NoTapsError, UnsupportedModelError
 from .load import Model
 
 log = logging.getLogger(__name__)
 
+
 #: Per-channel ops with f(0) == 0, so a zero channel stays zero and folds stay exact.
 ZERO_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Tanh", "HardSwish",
                              "Identity", "Dropout", "Celu", "Gelu", "Mish", "Softsign", "ThresholdedRelu"})
+
 #: Elementwise ops that act on each channel independently (the activation map continues through them).
 ELEMENTWISE = ZERO_PRESERVING | {"Sigmoid", "HardSigmoid", "Softplus", "Clip", "Erf", "Abs", "Neg"}
+
 #: Ops whose output is non-negative whatever their input.
 NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs"})
+
 #: Ops that keep channels but not positions: the classifier head may see a map through them.
 CHANNEL_PRESERVING_POOL = frozenset({"MaxPool", "AveragePool", "Identity", "Dropout"})
+
 #: Ops between the last activation map and the head's flattening.
 LOOK_THROUGH = CHANNEL_PRESERVING_POOL | {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"}
+
 #: Ops that start the classifier head when they consume a 4-D map.
 HEAD_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "Flatten", "ReduceMean", "ReduceMax",
                       "Reshape", "Gemm", "MatMul"})
 
 
+
 @dataclass(frozen=True)
+
+
 class Tap:
     """One activation map onnx-linf measures."""
 
@@ -78,6 +87,7 @@ class Tap:
     def static_spatial(self) -> bool:
         """True when H and W are both known statically."""
         return all(isinstance(d, int) for d in self.spatial)
+
 
 
 class GraphIndex:
@@ -125,6 +135,7 @@ class GraphIndex:
         return None if shape is None else len(shape)
 
 
+
 def _infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | None, ...]], dict[str, int]]:
     """Shapes and element types of the graph's tensors, as far as shape inference knows them."""
     try:
@@ -147,6 +158,7 @@ def _infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | N
     return shapes, types
 
 
+
 def _is_per_channel_const(index: GraphIndex, name: str, channels: int | None) -> bool:
     """True if `name` is a constant broadcastable as a per-channel [C,1,1] / [1,C,1,1] operand."""
     value = index.const_value(name)
@@ -162,6 +174,7 @@ def _is_per_channel_const(index: GraphIndex, name: str, channels: int | None) ->
     return len(shape) >= 3 and shape[-3] == squeezed[0] and (channels is None or squeezed[0] == channels)
 
 
+
 def _continues_map(index: GraphIndex, node: onnx.NodeProto, tensor: str, channels: int | None) -> bool:
     """Whether `node` (the single consumer of `tensor`) is a per-channel op the map continues through."""
     op = node.op_type
@@ -173,6 +186,7 @@ def _continues_map(index: GraphIndex, node: onnx.NodeProto, tensor: str, channel
         others = [i for i in node.input if i != tensor]
         return len(others) == 1 and _is_per_channel_const(index, others[0], channels)
     return False
+
 
 
 def _non_negative(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -189,6 +203,7 @@ def _non_negative(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return False
 
 
+
 def _channels(index: GraphIndex, start: onnx.NodeProto, tensor: str) -> int | None:
     if start.op_type == "Conv" and len(start.input) > 1:
         weight = index.initializers.get(start.input[1])
@@ -198,6 +213,7 @@ def _channels(index: GraphIndex, start: onnx.NodeProto, tensor: str) -> int | No
     if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
         return shape[1]
     return None
+
 
 
 def _follow_chain(index: GraphIndex, start: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]:
@@ -219,6 +235,7 @@ def _follow_chain(index: GraphIndex, start: onnx.NodeProto) -> tuple[str, list[o
     return tensor, chain
 
 
+
 def _sigmoid_gate(index: GraphIndex, tensor: str, consumers: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
     """[Sigmoid, Mul] when `tensor` feeds exactly ``Mul(tensor, Sigmoid(tensor))`` and nothing else."""
     if len(consumers) != 2:
@@ -232,6 +249,7 @@ def _sigmoid_gate(index: GraphIndex, tensor: str, consumers: list[onnx.NodeProto
     if index.consumers.get(sig.output[0], []) != [mul]:
         return None
     return [sig, mul]
+
 
 
 def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None:
@@ -257,12 +275,14 @@ def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None
     )
 
 
+
 def _is_residual_add(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type not in ("Add", "Sum") or len(node.input) < 2:
         return False
     if any(index.const_value(i) is not None for i in node.input):
         return False
     return all(index.rank(i) in (4, None) for i in node.input) and index.rank(node.output[0]) == 4
+
 
 
 def _find_head_map(index: GraphIndex) -> str | None:
@@ -287,6 +307,7 @@ def _find_head_map(index: GraphIndex) -> str | None:
             break
         tensor = pool.input[0]
     return tensor
+
 
 
 def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
@@ -365,9 +386,11 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
     return selected
 
 
+
 def _position(index: GraphIndex, tensor: str) -> int:
     producer = index.producer.get(tensor)
     return index.nodes.index(producer) if producer is not None else -1
+
 
 
 def _tap_for_tensor(index: GraphIndex, tensor: str, kind: str) -> Tap | None:

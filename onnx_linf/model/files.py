@@ -1,4 +1,5 @@
-"""Atomic output files: a crash or a failed check never leaves a partial or clobbered file."""
+"""Atomic output files: a crash or a failed check never leaves a partial or clobbered file.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UsageError
+import onnx
+
+from ..errors import UsageError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -31,9 +34,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             tmp_path.unlink()
 
 
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text atomically."""
     atomic_write(path, lambda p: p.write_text(text))
+
 
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
@@ -51,13 +56,13 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
     return out
 
 
+
 def save_model(proto, path: str | os.PathLike, *, external_data: bool = False) -> None:
     """Write an ONNX model atomically; with `external_data`, weights go to ``<name>.data`` beside it.
 
     Both files are written under temporary names in the destination folder and renamed into place
     only when complete (weights first, so the model never points at a half-written file).
     """
-    import onnx  # local: keeps this module importable without onnx for the text helpers
 
     path = Path(path)
     if not external_data:

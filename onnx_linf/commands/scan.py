@@ -1,0 +1,100 @@
+"""``scan``: per-channel ℓ∞/ℓ1/ℓ2 statistics of every activation map, flagged channels, verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ..measure.calibrate import Progress, auto_batch_size
+from ..measure.exceedance import bounds_exceedance
+from ..measure.instrument import POSITION_STATS
+from ..measure.probe import Probe
+from ..measure.sources import DataSource, open_source
+from ..model.load import Model, load_model
+from ..model.taps import find_taps
+from ..report.types import ModelInfo, ScanReport, tap_reports
+from .common import calibration_section, open_calibration, policy_section
+from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
+from .options import ScanConfig
+
+
+def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
+         config: ScanConfig | None = None, *, evidence: Evidence | None = None,
+         progress: Progress | None = None) -> ScanReport:
+    """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of a model's activation maps and flag channels.
+
+    Without evidence the flagged channels are merely the most active ones (the report's verdict is
+    ``not-assessed``); with a trigger or suspect images they are ranked by differential score.
+
+    Args:
+        model_path: the ONNX model (path or loaded `Model`).
+        calib: clean calibration data: image folder, ``.npy``/``.npz``, or a `DataSource`.
+        config: scan options.
+        evidence: optional trigger or suspect images.
+        progress: progress sink.
+
+    Returns:
+        The scan report.
+
+    Raises:
+        LinfError: any user-facing problem (see `onnx_linf.errors`).
+    """
+    config = config or ScanConfig()
+    config.validate()
+    model = model_path if isinstance(model_path, Model) else load_model(model_path)
+    taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
+    preprocess = config.preprocess.resolve(model)
+    source = open_calibration(model, calib, preprocess, config.limit)
+    if evidence is not None:
+        evidence.load_trigger(preprocess)  # fail on a bad trigger before the long clean pass
+    if evidence is not None and evidence.synthesize is not None:
+        evidence = resolve_evidence(model, evidence, source, preprocess, config.provider, progress)
+    suspects = evidence is not None and evidence.suspect is not None
+    # With suspect images, also measure the clean per-position range: how far suspects leave it is
+    # the clamp's view of the same evidence (a test-time signal that needs no trigger).
+    probe = Probe(model, taps, config.measured_stats + (POSITION_STATS if suspects else ()), config.provider)
+    batch_note = None
+    if config.batch_size == "auto":
+
+        choice = auto_batch_size(model, probe.provider, taps=probe.taps, images=len(source), size=preprocess.size)
+        config = dataclasses.replace(config, batch_size=choice.batch_size)
+        batch_note = choice.reason
+    clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
+    ev_stats = None
+    extra: dict = {}
+    if model.quantized_ops:
+        extra["notes"] = [
+            f"quantized model ({', '.join(model.quantized_ops)}): a measured conv output gets a second consumer, "
+            "so ONNX Runtime runs that conv on its float path instead of fusing it into an integer kernel; the "
+            "statistics approximate the deployed integer arithmetic"]
+    if evidence is not None and (evidence.trigger is not None or evidence.suspect is not None):
+        ev_stats = measure_evidence(probe, evidence, source, preprocess, config.batch_size, config.limit, progress)
+    if suspects:
+        suspect_source = open_source(evidence.suspect, preprocess, limit=config.limit)
+        extra["bounds_exceedance"] = bounds_exceedance(model, taps, clean, suspect_source, preprocess,
+                                                       config.batch_size, config.provider)
+    flagged = score_and_flag(config, clean, ev_stats)
+    if evidence is not None and evidence.synthesis is not None:
+        verdict, reason = synthesis_verdict(evidence.synthesis)
+        extra["synthesis"] = evidence.synthesis.to_dict()
+    elif evidence is None:
+        verdict, reason = "not-assessed", (
+            "no trigger evidence: flagged channels are the most active on clean images, which is not "
+            "evidence of a backdoor")
+    else:
+        verdict, reason = "not-assessed", (
+            f"channels ranked by {flagged.score}; a differential score shows where the evidence acts, "
+            "it does not by itself prove a backdoor")
+    return ScanReport(
+        model=ModelInfo.of(model),
+        provider=probe.provider,
+        preprocess=preprocess.to_dict(),
+        calibration=calibration_section(source, config.batch_size, batch_note),
+        policy=policy_section(config, flagged, config.layers if isinstance(config.layers, str)
+                               else list(config.layers)),
+        taps=tap_reports(taps, clean, flagged, ev_stats),
+        verdict=verdict,
+        verdict_reason=reason,
+        evidence=None if evidence is None else evidence.describe(),
+        extra=extra,
+    )
