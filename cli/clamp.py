@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import Annotated
 
 import typer
@@ -13,6 +13,7 @@ from onnx_linf.errors import UsageError
 from onnx_linf.measure.accuracy import before_after, open_labelled
 from onnx_linf.measure.preprocess import Trigger
 from onnx_linf.model.load import load_model
+from onnx_linf.report.types import ClampReport
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
@@ -63,38 +64,38 @@ def clamp_command(
                              margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
-        report = dict(result.report)
+        report = result.report
         ev = None
         if eval_data is not None:
             preprocess = pp.resolve(m)
             trig = Trigger.from_files(trigger, mask, preprocess)
             ev = before_after(m, result.proto, open_labelled(eval_data, preprocess), preprocess, trigger=trig,
                               target=target, provider=provider)
-            report["evaluation"] = {k: v.to_dict() for k, v in ev.items()}
-        write_json(json_out, json.dumps(report, indent=2))
+            report = dataclasses.replace(report, evaluation={k: v.to_dict() for k, v in ev.items()})
+        write_json(json_out, report.to_json())
     if not quiet:
         console.print(bounds_table(report))
-        print_notes(report["notes"])
-        v = report["verification"]
+        print_notes(report.notes)
+        v = report.verification
         if v is not None:
             console.print(f"[bold]verified[/] {', '.join(f'{k}: {val}' for k, val in v['checks'].items())}")
-        console.print(f"calibration predictions unchanged: {100 * report['calibration_agreement']:.1f}%")
+        console.print(f"calibration predictions unchanged: {100 * report.calibration_agreement:.1f}%")
         if ev is not None:
             console.print(evaluation_table([("original", ev["before"]), ("clamped", ev["after"])]))
         console.print(f"[bold green]wrote[/] {output}")
     raise typer.Exit(ExitCode.OK)
 
 
-def bounds_table(report: dict) -> Table:
+def bounds_table(report: ClampReport) -> Table:
     """One row per bounded map."""
-    cfg = report["config"]
-    table = Table(title=f"{len(report['maps'])} maps bounded: {cfg['granularity']} granularity, "
+    cfg = report.config
+    table = Table(title=f"{len(report.maps)} maps bounded: {cfg['granularity']} granularity, "
                         f"quantile {cfg['quantile']:g}, margin {cfg['margin']:g}", title_justify="left")
     for col in ("map", "granularity", "bounds", "two-sided", "mean τ", "max τ"):
         table.add_column(col)
-    for mp in report["maps"]:
-        table.add_row(mp["tap"], mp["granularity"], str(mp["elements"]), "yes" if mp["two_sided"] else "",
-                      f"{mp['hi_mean']:.3g}", f"{mp['hi_max']:.3g}")
+    for mp in report.maps:
+        table.add_row(mp.tap, mp.granularity, str(mp.elements), "yes" if mp.two_sided else "",
+                      f"{mp.hi_mean:.3g}", f"{mp.hi_max:.3g}")
     return table
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from onnx_linf.errors import UsageError
-from onnx_linf.measure.accuracy import Evaluation, evaluate, open_labelled
-from onnx_linf.measure.preprocess import Trigger
-from onnx_linf.model.load import load_model
+from onnx_linf.commands.evaluate import evaluate_model
+from onnx_linf.measure.accuracy import Evaluation
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
@@ -61,19 +58,12 @@ def evaluate_command(
     after the trigger is stamped.
     """
     with user_errors():
-        if trigger is None and mask is not None:
-            raise UsageError("--mask needs --trigger")
-        if (trigger is None) != (target is None):
-            raise UsageError("--trigger and --target go together")
-        m = load_model(model)
-        preprocess = o.preprocess_options(size, layout, channels, scale, mean, std).resolve(m)
-        trig = Trigger.from_files(trigger, mask, preprocess) if trigger is not None else None
-        source = open_labelled(data, preprocess, limit)
-        result = evaluate(m, source, preprocess, trigger=trig, target=target, batch_size=batch_size,
-                          provider=provider, progress=BarProgress(quiet))
-        write_json(json_out, json.dumps({"schema_version": 1, "tool": "onnx-linf", "model": str(model),
-                                         "sha256": m.sha256, "data": str(data), "preprocess": preprocess.to_dict(),
-                                         "evaluation": result.to_dict()}, indent=2))
+        done = evaluate_model(model, data, trigger=trigger, mask=mask, target=target, batch_size=batch_size,
+                              provider=provider, limit=limit,
+                              preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
+                              progress=BarProgress(quiet))
+        result = done.evaluation
+        write_json(json_out, done.report.to_json())
     if not quiet:
         console.print(evaluation_table([(str(model), result)]))
     raise typer.Exit(ExitCode.OK)

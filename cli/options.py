@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from onnx_linf.commands.options import PreprocessOptions
+from onnx_linf.decide.synthesis.results import SynthConfig
 from onnx_linf.errors import UsageError
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
@@ -99,10 +100,19 @@ TimeLimit = Annotated[Optional[float], typer.Option("--time-limit", help="Wall-c
 
 def synth_config(classes: str | None, seed: int, max_queries: int | None, time_limit: float | None):
     """The library's synthesis options from CLI values."""
-    from onnx_linf.decide.synthesis.results import SynthConfig
-
-    from .synthesize import parse_classes
-
     config = SynthConfig(classes=parse_classes(classes), seed=seed, max_queries=max_queries, time_limit=time_limit)
     config.validate()
     return config
+
+
+def parse_classes(value: str | None) -> tuple[int, ...] | None:
+    """'0,3,7' -> (0, 3, 7); None -> None (every class)."""
+    if value is None:
+        return None
+    try:
+        classes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--classes takes comma-separated class indices, got {value!r}") from None
+    if not classes:
+        raise UsageError("--classes needs at least one class index")
+    return classes

@@ -12,6 +12,7 @@ from rich.table import Table
 from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.options import ScanConfig
 from onnx_linf.commands.prune import PruneConfig, prune
+from onnx_linf.commands.ratio import SweepResult, SweepRow
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.accuracy import before_after, open_labelled
 from onnx_linf.measure.preprocess import Trigger
@@ -21,7 +22,7 @@ from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .evaluate import evaluation_table
 from .exit_codes import ExitCode
-from .render import print_notes
+from .render import print_notes, sweep_table
 
 Output = Annotated[Path, typer.Option("--output", "-o", help="Where to write the pruned model (never the input).")]
 EvalData = Annotated[Optional[Path], typer.Option("--eval-data", help="Labelled data to show clean ACC and ASR "
@@ -116,10 +117,6 @@ def prune_command(
         write_json(json_out, report.to_json())
     if not quiet:
         if report.extra.get("sweep"):
-            from onnx_linf.commands.ratio import SweepResult, SweepRow
-
-            from .sweep import sweep_table
-
             sw = dict(report.extra["sweep"])
             sw["rows"] = tuple(SweepRow(**r) for r in sw["rows"])
             sw["chosen"] = SweepRow(**sw["chosen"]) if sw["chosen"] else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from rich.table import Table
 
+from onnx_linf.commands.ratio import SweepResult
 from onnx_linf.report.types import ScanReport
 
 from .console import console
@@ -76,3 +77,16 @@ def print_notes(notes: list[str] | None) -> None:
     """A report's notes (things a reader must know about the numbers), one line each."""
     for note in notes or ():
         console.print(f"[yellow]note[/] {note}")
+
+
+def sweep_table(result: SweepResult) -> Table:
+    """ACC / ASR per ratio, the chosen one marked."""
+    table = Table(title=f"pruning sweep ({result.score}); original ACC {100 * result.base_accuracy:.2f}%, "
+                        f"ASR {100 * result.base_asr:.1f}% (target {result.target})", title_justify="left")
+    for col in ("ratio", "channels", "clean ACC", "ASR", ""):
+        table.add_column(col, justify="right")
+    for row in result.rows:
+        mark = "chosen" if result.chosen is not None and row.ratio == result.chosen.ratio else ""
+        table.add_row(f"{row.ratio:g}", str(row.channels), f"{100 * row.accuracy:.2f}%", f"{100 * row.asr:.1f}%",
+                      mark)
+    return table

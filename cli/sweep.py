@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.options import ScanConfig
@@ -19,25 +18,13 @@ from onnx_linf.model.files import atomic_write
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
+from .render import sweep_table
 
 Labels = Annotated[Optional[Path], typer.Option("--labels", help="Labelled data for ACC/ASR: .npz with x and y, or "
                                                 "a folder with one subfolder per class (default: the "
                                                 "calibration data, if it has labels).")]
 Ratios = Annotated[Optional[str], typer.Option("--ratios", help="Comma-separated ratios to try (default "
                                                + ",".join(f"{r:g}" for r in RATIO_GRID) + ").")]
-
-
-def sweep_table(result: SweepResult) -> Table:
-    """ACC / ASR per ratio, the chosen one marked."""
-    table = Table(title=f"pruning sweep ({result.score}); original ACC {100 * result.base_accuracy:.2f}%, "
-                        f"ASR {100 * result.base_asr:.1f}% (target {result.target})", title_justify="left")
-    for col in ("ratio", "channels", "clean ACC", "ASR", ""):
-        table.add_column(col, justify="right")
-    for row in result.rows:
-        mark = "chosen" if result.chosen is not None and row.ratio == result.chosen.ratio else ""
-        table.add_row(f"{row.ratio:g}", str(row.channels), f"{100 * row.accuracy:.2f}%", f"{100 * row.asr:.1f}%",
-                      mark)
-    return table
 
 
 def write_plot(result: SweepResult, path: Path) -> None:

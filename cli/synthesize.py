@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from onnx_linf.commands.synthesize import synthesize_model
 from onnx_linf.decide.synthesis.results import SynthConfig, SynthResult
-from onnx_linf.decide.synthesis.synthesize import synthesize
-from onnx_linf.decide.synthesis.triggers import write_triggers
-from onnx_linf.errors import UsageError
-from onnx_linf.measure.sources import open_source
-from onnx_linf.model.load import load_model
-from onnx_linf.report.types import ModelInfo
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
-
-
-def parse_classes(value: str | None) -> tuple[int, ...] | None:
-    """'0,3,7' -> (0, 3, 7); None -> None (every class)."""
-    if value is None:
-        return None
-    try:
-        classes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"--classes takes comma-separated class indices, got {value!r}") from None
-    if not classes:
-        raise UsageError("--classes needs at least one class index")
-    return classes
 
 
 def synthesize_command(
@@ -72,20 +52,15 @@ def synthesize_command(
     evidence on the last activation map is reported alongside.
     """
     with user_errors():
-        config = SynthConfig(classes=parse_classes(classes), steps=steps, seed=seed, max_queries=max_queries,
+        config = SynthConfig(classes=o.parse_classes(classes), steps=steps, seed=seed, max_queries=max_queries,
                              time_limit=time_limit, threshold=threshold, batch=batch_size,
                              images=limit if limit is not None else SynthConfig.images)
         config.validate()
-        m = load_model(model)
-        preprocess = o.preprocess_options(size, layout, channels, scale, mean, std).resolve(m)
-        # No limit here: the library spreads its `images` evenly over the source.
-        source = open_source(calib, preprocess)
-        result = synthesize(m, source, preprocess, config, provider=provider, progress=BarProgress(quiet))
-        if out_dir is not None:
-            write_triggers(result, out_dir)
-        report = dict(result.to_dict(), model=asdict(ModelInfo.of(m)), preprocess=preprocess.to_dict(),
-                      calibration={"source": source.description})
-        write_json(json_out, json.dumps(report, indent=2))
+        done = synthesize_model(model, calib, config, out_dir=out_dir, provider=provider,
+                                preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
+                                progress=BarProgress(quiet))
+        result = done.synthesis
+        write_json(json_out, done.report.to_json())
     if not quiet:
         console.print(triggers_table(result))
         verdict_lines(result)

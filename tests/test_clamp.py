@@ -44,7 +44,7 @@ def test_identity_on_calibration_set_bitwise(fixtures_dir):
     x = np.concatenate([pp.apply(b.pixels) for b in ImageFolder(fixtures_dir / "digits_calib", pp.size, "L")
                         .batches(100)])
     np.testing.assert_array_equal(outputs(model, result.proto, x), outputs(model, None, x))
-    assert result.report["verification"]["ok"] and result.report["calibration_agreement"] == 1.0
+    assert result.report.verification["ok"] and result.report.calibration_agreement == 1.0
 
 
 def test_position_and_channel_bound_shapes(model_file, tmp_path):
@@ -92,7 +92,7 @@ def test_dynamic_spatial_falls_back_to_channel(model_file, tmp_path):
     cfg = ClampConfig(provider="cpu", preprocess=PreprocessOptions(size=(10, 10)))
     result = clamp(model, calib, cfg)
     assert result.bounds[0].granularity == "channel" and result.bounds[0].hi.shape == (4, 1, 1)
-    assert any("dynamic" in n for n in result.report["notes"])
+    assert any("dynamic" in n for n in result.report.notes)
 
 
 @pytest.mark.parametrize("opset", [11, 17])
@@ -109,7 +109,7 @@ def test_streaming_quantile_is_exact(model_file, tmp_path, quantile, opset):
     for bound, act in zip(result.bounds, acts):
         expected = np.quantile(act.astype(np.float64), quantile / 100, axis=0, method="inverted_cdf")
         np.testing.assert_allclose(bound.hi, expected, rtol=1e-6, atol=1e-7)
-    assert result.report["config"]["topk"] == topk_for_quantile(quantile, 30)
+    assert result.report.config["topk"] == topk_for_quantile(quantile, 30)
 
 
 def test_quantile_range_checked(model_file, tmp_path):

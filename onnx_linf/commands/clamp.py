@@ -17,7 +17,7 @@ from ..measure.sources import DataSource
 from ..model.files import check_output_path, save_model
 from ..model.load import Model, load_model
 from ..model.taps import find_taps
-from ..report.types import ModelInfo
+from ..report.types import ClampMapReport, ClampReport, ModelInfo
 from ..rewrite.clamp import ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
@@ -26,8 +26,6 @@ from .options import PreprocessOptions
 
 
 @dataclass(frozen=True)
-
-
 class ClampConfig:
     """Options of a clamp."""
 
@@ -51,10 +49,7 @@ class ClampConfig:
     """Calibration images the verification runs on."""
 
 
-
 @dataclass(frozen=True)
-
-
 class ClampResult:
     """What `clamp` did."""
 
@@ -64,9 +59,8 @@ class ClampResult:
     """`bounds.MapBound` per map."""
     records: list
     """`rewrite.ClampRecord` per map."""
-    report: dict
-    """JSON-ready report."""
-
+    report: ClampReport
+    """The report (`ClampReport.to_dict` for its JSON form)."""
 
 
 def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
@@ -126,20 +120,16 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     agreement = top1_agreement(editable, proto, inputs, config.provider)
     if output is not None:
         save_model(proto, output, external_data=model.has_external_data)
-    report = {
-        "schema_version": 1, "tool": "onnx-linf", "command": "clamp",
-        "model": dataclasses.asdict(ModelInfo.of(model)), "provider": probe.provider,
-        "preprocess": preprocess.to_dict(),
-        "calibration": {"source": source.description, "images": len(source), "batch_size": config.batch_size},
-        "config": {"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
-                   "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin,
-                   "topk": k},
-        "maps": [{"tap": b.tap, "granularity": b.granularity, "two_sided": b.lo is not None,
-                  "elements": int(b.hi.size), "hi_mean": float(b.hi.mean()), "hi_max": float(b.hi.max()),
-                  "lo_min": None if b.lo is None else float(b.lo.min())} for b in bounds],
-        "notes": notes,
-        "verification": None if result is None else dataclasses.asdict(result),
-        "calibration_agreement": agreement,
-        "output": None if output is None else str(output),
-    }
+    report = ClampReport(
+        model=ModelInfo.of(model), provider=probe.provider, preprocess=preprocess.to_dict(),
+        calibration={"source": source.description, "images": len(source), "batch_size": config.batch_size},
+        config={"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
+                "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k},
+        maps=[ClampMapReport(b.tap, b.granularity, b.lo is not None, int(b.hi.size), float(b.hi.mean()),
+                             float(b.hi.max()), None if b.lo is None else float(b.lo.min())) for b in bounds],
+        notes=notes,
+        verification=None if result is None else dataclasses.asdict(result),
+        calibration_agreement=agreement,
+        output=None if output is None else str(output),
+    )
     return ClampResult(proto=proto, bounds=bounds, records=records, report=report)

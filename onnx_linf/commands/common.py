@@ -27,7 +27,6 @@ def open_calibration(model: Model, calib: str | os.PathLike | DataSource, prepro
     return open_source(calib, preprocess, limit=limit, input_name=model.input.name)
 
 
-
 def calibration_section(source: DataSource, batch_size: int, batch_note: str | None = None) -> dict:
     """The report's record of the calibration data."""
     out = {"source": source.description, "images": len(source), "batch_size": batch_size}
@@ -36,14 +35,12 @@ def calibration_section(source: DataSource, batch_size: int, batch_note: str | N
     return out
 
 
-
 def policy_section(config: ScanConfig, flagged: Flagged, layers: str | list[str]) -> dict:
     """The report's record of how channels were ranked and flagged."""
     return {"name": flagged.policy, "score": flagged.score, "evidence": flagged.evidence,
             "ratio": config.ratio if flagged.policy == "ratio" else None,
             "threshold": config.threshold if flagged.policy == "outliers" else None,
             "layers": layers}
-
 
 
 def load_with_weights(model: Model) -> Model:
@@ -56,7 +53,6 @@ def load_with_weights(model: Model) -> Model:
     return dataclasses.replace(model, proto=proto, has_external_data=False)
 
 
-
 def verify_inputs(source: DataSource, preprocess: Preprocess, batch_size: int, limit: int) -> list[np.ndarray]:
     out, seen = [], 0
     for batch in source.batches(batch_size):
@@ -65,7 +61,6 @@ def verify_inputs(source: DataSource, preprocess: Preprocess, batch_size: int, l
         if seen >= limit:
             break
     return out
-
 
 
 def top1_agreement(model: Model, proto: onnx.ModelProto, inputs: list[np.ndarray], provider: str) -> float:

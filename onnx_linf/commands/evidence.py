@@ -20,8 +20,6 @@ from .options import ScanConfig
 
 
 @dataclass(frozen=True)
-
-
 class Evidence:
     """Trigger evidence: a trigger to stamp, real suspect images, or a trigger to synthesize."""
 
@@ -67,7 +65,6 @@ class Evidence:
         return {"kind": "suspect", "path": str(self.suspect)}
 
 
-
 def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, preprocess: Preprocess,
                      provider: str, progress: Progress | None = None) -> Evidence:
     """Run trigger synthesis when asked; the result carries the most anomalous class's trigger.
@@ -84,7 +81,6 @@ def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, prepr
     return dataclasses.replace(evidence, trigger=trigger, synthesis=result)
 
 
-
 def measure_evidence(probe: Probe, evidence: Evidence, calib: DataSource, preprocess: Preprocess,
                      batch_size: int, limit: int | None, progress: Progress | None) -> dict[str, ChannelStats]:
     """Statistics on trigger-stamped calibration images, or on the suspect images."""
@@ -96,7 +92,6 @@ def measure_evidence(probe: Probe, evidence: Evidence, calib: DataSource, prepro
         return probe.measure(calib, preprocess, batch_size, trigger, progress)
     suspect = open_source(evidence.suspect, preprocess, limit=limit)
     return probe.measure(suspect, preprocess, batch_size, None, progress)
-
 
 
 def score_and_flag(config: ScanConfig, clean: dict[str, ChannelStats],
@@ -112,7 +107,6 @@ def score_and_flag(config: ScanConfig, clean: dict[str, ChannelStats],
     if config.policy == "ratio":
         return by_ratio(scores, config.ratio, score=label, evidence=has_evidence)
     return by_outliers(scores, config.threshold, score=label, evidence=has_evidence)
-
 
 
 def synthesis_verdict(result: Any) -> tuple[str, str]:

@@ -12,8 +12,6 @@ from ..model.load import Model
 
 
 @dataclass(frozen=True)
-
-
 class PreprocessOptions:
     """User overrides of preprocessing; None = from the model (metadata, input shape) or defaults."""
 
@@ -36,10 +34,7 @@ class PreprocessOptions:
                                      scale=self.scale, mean=self.mean, std=self.std)
 
 
-
 @dataclass(frozen=True)
-
-
 class ScanConfig:
     """Options of a scan."""
 

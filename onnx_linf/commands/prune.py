@@ -33,11 +33,7 @@ from .ratio import RESIDUAL_ASR, SweepResult, sweep
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
-
-
 class PruneConfig:
     """Options of a prune."""
 
@@ -63,10 +59,7 @@ class PruneConfig:
     """Attack target for the automatic ratio's ASR (default: inferred from stamped predictions)."""
 
 
-
 @dataclass(frozen=True)
-
-
 class PruneResult:
     """What `prune` did."""
 
@@ -74,7 +67,6 @@ class PruneResult:
     """Scan-style report; `extra` holds ``surgery``, ``verification``, ``output`` and ``evaluation``."""
     proto: onnx.ModelProto = field(repr=False)
     """The pruned model (already written when an output path was given)."""
-
 
 
 def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,

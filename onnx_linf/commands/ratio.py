@@ -26,10 +26,7 @@ RESIDUAL_ASR = 0.10
 RATIO_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
-
 @dataclass(frozen=True)
-
-
 class SweepRow:
     """Effect of pruning one ratio."""
 
@@ -43,10 +40,7 @@ class SweepRow:
     """Success rate of the evidence trigger on the labelled data."""
 
 
-
 @dataclass(frozen=True)
-
-
 class SweepResult:
     """ACC / ASR over pruning ratios, and the ratio an accuracy budget allows."""
 
@@ -70,14 +64,12 @@ class SweepResult:
         return dataclasses.asdict(self)
 
 
-
 def infer_target(model: Model, labelled: DataSource, preprocess: Preprocess, trigger: Trigger,
                  provider: str = "auto", batch_size: int = 64) -> int:
     """The class a trigger sends images to: the most frequent prediction on stamped images."""
 
     preds = predictions(model, labelled, preprocess, trigger=trigger, provider=provider, batch_size=batch_size)
     return int(np.bincount(preds).argmax())
-
 
 
 def choose_ratio(rows: Sequence[SweepRow], base_accuracy: float, max_acc_drop: float) -> SweepRow | None:
@@ -88,7 +80,6 @@ def choose_ratio(rows: Sequence[SweepRow], base_accuracy: float, max_acc_drop: f
     if not fitting:
         return None
     return min(fitting, key=lambda r: (r.asr, r.ratio))
-
 
 
 def sweep(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelStats], evidence: dict[str, ChannelStats],

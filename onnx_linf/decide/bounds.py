@@ -21,7 +21,6 @@ from ..model.taps import Tap
 GRANULARITIES = ("position", "channel")
 
 
-
 def topk_for_quantile(quantile: float, images: int) -> int:
     """How many extreme values per element an exact ``quantile`` over ``images`` images needs.
 
@@ -34,10 +33,7 @@ def topk_for_quantile(quantile: float, images: int) -> int:
     return images - rank + 1
 
 
-
 @dataclass(frozen=True)
-
-
 class MapBound:
     """Bounds of one map, ready for `rewrite.clamp_maps`."""
 
@@ -51,7 +47,6 @@ class MapBound:
     """float32 lower bound of the same shape for maps that go negative, else None."""
 
 
-
 def stats_for(granularity: str, two_sided: bool) -> tuple[str, ...]:
     """Instrumented statistics a granularity needs."""
     if granularity == "position":
@@ -59,7 +54,6 @@ def stats_for(granularity: str, two_sided: bool) -> tuple[str, ...]:
     if granularity == "channel":
         return ("img_max", "img_min") if two_sided else ("img_max",)
     raise UsageError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-
 
 
 def map_bound(tap: Tap, stats: ChannelStats, granularity: str, margin: float = 0.0) -> MapBound:

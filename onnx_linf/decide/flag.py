@@ -23,10 +23,7 @@ from ..model.taps import GraphIndex
 SCORE_STATS = ("linf", "l1", "l2")
 
 
-
 @dataclass(frozen=True)
-
-
 class TapFlags:
     """Scores and flagged channels of one tap."""
 
@@ -38,10 +35,7 @@ class TapFlags:
     """Flagged channel indices, most extreme first."""
 
 
-
 @dataclass(frozen=True)
-
-
 class Flagged:
     """The result of a flagging policy over several taps."""
 
@@ -64,12 +58,10 @@ class Flagged:
         return sum(len(f.flagged) for f in self.taps.values())
 
 
-
 def clean_scores(stats: Mapping[str, ChannelStats], stat: str = "linf") -> dict[str, np.ndarray]:
     """Mean of `stat` over clean images, per channel: activity, not evidence."""
     _check_stat(stat)
     return {tap: s.moments[stat].mean.copy() for tap, s in stats.items()}
-
 
 
 def differential_scores(clean: Mapping[str, ChannelStats], evidence: Mapping[str, ChannelStats],
@@ -82,17 +74,14 @@ def differential_scores(clean: Mapping[str, ChannelStats], evidence: Mapping[str
     return {tap: evidence[tap].moments[stat].mean - clean[tap].moments[stat].mean for tap in clean}
 
 
-
 def _check_stat(stat: str) -> None:
     if stat not in SCORE_STATS:
         raise UsageError(f"unknown score {stat!r}: use one of {', '.join(SCORE_STATS)}")
 
 
-
 def top_k(ratio: float, channels: int) -> int:
     """How many channels a ratio selects: round(ratio * C), at least 1."""
     return max(1, int(np.floor(ratio * channels + 0.5)))
-
 
 
 def by_ratio(scores: Mapping[str, np.ndarray], ratio: float, *, score: str, evidence: bool) -> Flagged:
@@ -112,7 +101,6 @@ def by_ratio(scores: Mapping[str, np.ndarray], ratio: float, *, score: str, evid
     return Flagged("ratio", score, evidence, taps)
 
 
-
 def robust_z(scores: np.ndarray) -> np.ndarray:
     """Modified z-score (Iglewicz & Hoaglin): 0.6745 * (x - median) / MAD; 0 where MAD is 0."""
     s = np.asarray(scores, dtype=np.float64)
@@ -121,7 +109,6 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     if mad == 0:
         return np.zeros_like(s)
     return 0.6745 * (s - med) / mad
-
 
 
 def by_outliers(scores: Mapping[str, np.ndarray], threshold: float = 3.5, *, score: str,
@@ -138,7 +125,6 @@ def by_outliers(scores: Mapping[str, np.ndarray], threshold: float = 3.5, *, sco
     return Flagged("outliers", score, evidence, taps)
 
 
-
 def from_channels(channels: Mapping[str, list[int]], *, policy: str = "report", score: str = "from report",
                   evidence: bool = True, sizes: Mapping[str, int] | None = None) -> Flagged:
     """Wrap an explicit {tap: [channels]} selection (e.g. read back from a scan report)."""
@@ -147,7 +133,6 @@ def from_channels(channels: Mapping[str, list[int]], *, policy: str = "report", 
         c = (sizes or {}).get(tap, max(chans) + 1 if chans else 0)
         taps[tap] = TapFlags(tap, np.zeros(c), tuple(int(x) for x in chans))
     return Flagged(policy, score, evidence, taps)
-
 
 
 def dormant_scores(stats: Mapping[str, ChannelStats], stat: str = "l1") -> dict[str, np.ndarray]:
@@ -170,7 +155,6 @@ def dormant_scores(stats: Mapping[str, ChannelStats], stat: str = "l1") -> dict[
     """
     _check_stat(stat)
     return {tap: -np.asarray(s.moments[stat].mean, dtype=np.float64) for tap, s in stats.items()}
-
 
 
 def clp_scores(model, taps) -> dict[str, np.ndarray]:
@@ -217,7 +201,6 @@ def clp_scores(model, taps) -> dict[str, np.ndarray]:
             break
         out[tap.name] = scores
     return out
-
 
 
 def by_threshold(scores: Mapping[str, np.ndarray], u: float = 3.0, *, score: str = "clp",

@@ -22,8 +22,6 @@ from .sources import DataSource, open_source
 
 
 @dataclass(frozen=True)
-
-
 class Evaluation:
     """Clean accuracy and (with a trigger) attack success rate."""
 
@@ -47,7 +45,6 @@ class Evaluation:
         return asdict(self)
 
 
-
 def open_labelled(path: str | os.PathLike, preprocess: Preprocess, limit: int | None = None) -> DataSource:
     """Open labelled data: ``.npz`` with ``x`` and ``y``, or an ImageFolder-style directory.
 
@@ -59,7 +56,6 @@ def open_labelled(path: str | os.PathLike, preprocess: Preprocess, limit: int | 
         raise CalibrationDataError(f"{path} has no labels: give an .npz with 'x' and 'y', or a folder with "
                                    "one subfolder per class")
     return source
-
 
 
 def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger: Trigger | None = None,
@@ -118,7 +114,6 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
     )
 
 
-
 def predictions(model: Model, data: DataSource, preprocess: Preprocess, *, proto: onnx.ModelProto | None = None,
                 trigger: Trigger | None = None, batch_size: int = 64, provider: str = "auto") -> np.ndarray:
     """Top-1 predictions for every image of `data` (stamped with `trigger` if given)."""
@@ -126,7 +121,6 @@ def predictions(model: Model, data: DataSource, preprocess: Preprocess, *, proto
     out = [session.run(None, model_tensor(b, preprocess, trigger))[0].argmax(axis=-1)
            for b in data.batches(batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
 
 
 def before_after(model: Model, rewritten: onnx.ModelProto, data: DataSource, preprocess: Preprocess, *,

@@ -26,8 +26,6 @@ from .sources import Batch, DataSource
 log = logging.getLogger(__name__)
 
 
-
-
 def model_tensor(batch: Batch, preprocess: Preprocess, trigger: Trigger | None = None) -> np.ndarray:
     """The model input for a batch, stamping the trigger on pixels first when given."""
     if batch.pixels is not None:
@@ -37,7 +35,6 @@ def model_tensor(batch: Batch, preprocess: Preprocess, trigger: Trigger | None =
         raise CalibrationDataError("cannot stamp a trigger on already-preprocessed float arrays; "
                                    "give uint8 pixels or an image folder")
     return batch.tensor
-
 
 
 class Progress:
@@ -54,7 +51,6 @@ class Progress:
 
     def finish(self) -> None:
         """The current task ended."""
-
 
 
 def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
@@ -104,13 +100,9 @@ def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
         stop.set()
 
 
-
 @dataclass
-
-
 class _Raised:
     exc: BaseException
-
 
 
 def run_batches(session: Session, source: DataSource, preprocess: Preprocess, outputs: Sequence[str],
@@ -161,10 +153,7 @@ MEMORY_SHARE = {"CPUExecutionProvider": 0.25, "CUDAExecutionProvider": 0.5, "Ten
 ESTIMATE_SLACK = 1.5
 
 
-
 @dataclass(frozen=True)
-
-
 class BatchChoice:
     """What `auto_batch_size` picked, and why (for the report and the CLI)."""
 
@@ -178,7 +167,6 @@ class BatchChoice:
     """Memory the batch was allowed to use (None: unknown)."""
     reason: str
     """One line explaining the choice."""
-
 
 
 def auto_batch_size(model: Model, provider: str = "auto", *, taps: Sequence = (), images: int | None = None,
@@ -241,7 +229,6 @@ def auto_batch_size(model: Model, provider: str = "auto", *, taps: Sequence = ()
                        f"{ort_provider} gains little past {THROUGHPUT_CAP.get(ort_provider, 16)}")
 
 
-
 def _available_memory(ort_provider: str) -> int | None:
     if ort_provider == PROVIDERS["cpu"]:
         try:
@@ -257,7 +244,6 @@ def _available_memory(ort_provider: str) -> int | None:
         except (ValueError, OSError, AttributeError):
             return None
     return cuda_memory()
-
 
 
 def _activation_bytes_per_image(model: Model, taps: Sequence, size: tuple[int, int] | None) -> int | None:
@@ -330,7 +316,6 @@ def _activation_bytes_per_image(model: Model, taps: Sequence, size: tuple[int, i
     # being preprocessed), as float32 plus the decoded uint8 pixels.
     in_flight = 4 * sizes[model.input.name] * 5 // 4
     return int(peak + largest_tap + in_flight)
-
 
 
 def _numel(dims: Iterable[int]) -> int:

@@ -59,10 +59,7 @@ ALL_STATS = CHANNEL_STATS + POSITION_STATS + BATCH_STATS + TOPK_STATS + IMAGE_ST
 PREFIX = "onnx_linf"
 
 
-
 @dataclass(frozen=True)
-
-
 class TapOutput:
     """What one added graph output holds."""
 
@@ -72,10 +69,7 @@ class TapOutput:
     """One of `ALL_STATS`."""
 
 
-
 @dataclass(frozen=True)
-
-
 class Instrumented:
     """A model with reduction outputs added.
 
@@ -113,7 +107,6 @@ class Instrumented:
     def output_names(self) -> list[str]:
         """Added output names, in graph order."""
         return list(self.outputs)
-
 
 
 class _Builder:
@@ -338,7 +331,6 @@ class _Builder:
         raise ValueError(f"unknown statistic {stat!r}")
 
 
-
 def instrument(
     model: Model,
     taps: Sequence[Tap],
@@ -398,7 +390,6 @@ def instrument(
                         base=model.proto, added=delta)
 
 
-
 def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
                       elem_types: Mapping[str, int] | None = None) -> Instrumented:
     """Add, per map, how often and how far each image leaves the given bounds (test-time signal).
@@ -453,7 +444,6 @@ def instrument_excess(model: Model, bounds: Mapping[str, tuple[np.ndarray, np.nd
                         base=model.proto, added=delta)
 
 
-
 def _as_float32(tensor: str, elem_type: int, name: str) -> tuple[str, list[onnx.NodeProto]]:
     """`tensor` itself when it is float32; else `name`, the output of a Cast to float32, and that node.
 
@@ -466,7 +456,6 @@ def _as_float32(tensor: str, elem_type: int, name: str) -> tuple[str, list[onnx.
     return name, [helper.make_node("Cast", [tensor], [name], to=TensorProto.FLOAT, name=f"{name}/Cast")]
 
 
-
 def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
     """The tap, or a tap standing for its float32 cast (see `_as_float32`), and the nodes that make it."""
     source, nodes = _as_float32(tap.name, tap.elem_type, name)
@@ -475,13 +464,11 @@ def _float32_view(tap: Tap, name: str) -> tuple[Tap, list[onnx.NodeProto]]:
     return dataclasses.replace(tap, name=source, elem_type=TensorProto.FLOAT), nodes
 
 
-
 def _block_size(area: int) -> int:
     """Side k of the blocks `spatial_mean` pre-sums (1: none): about area**(1/4), a power of two."""
     if area <= 256:
         return 1
     return min(32, max(4, 2 ** round(np.log2(area) / 4)))
-
 
 
 def _append_by_tap(graph: onnx.GraphProto, inserts: Mapping[int, Sequence[onnx.NodeProto]]) -> None:

@@ -22,10 +22,7 @@ log = logging.getLogger(__name__)
 PREPROCESS_METADATA_KEY = "onnx_linf.preprocess"
 
 
-
 @dataclass(frozen=True)
-
-
 class Preprocess:
     """How pixels become the model's input tensor: ``((pixels * scale) - mean) / std``.
 
@@ -160,7 +157,6 @@ class Preprocess:
                    mean=mean_v, std=std_v, source=", ".join(sorted(sources)) or "defaults")
 
 
-
 def guess_layout(shape: Sequence[int | str | None]) -> str:
     if shape[1] in (1, 3):
         return "NCHW"
@@ -169,10 +165,7 @@ def guess_layout(shape: Sequence[int | str | None]) -> str:
     return "NCHW"
 
 
-
 @dataclass(frozen=True)
-
-
 class Trigger:
     """A trigger stamped in pixel space: ``x' = (1 - m) * x + m * t``."""
 

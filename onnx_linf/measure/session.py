@@ -22,10 +22,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 
 
-
 @dataclass
-
-
 class Session:
     """An ONNX Runtime session plus the facts reports need."""
 
@@ -114,7 +111,6 @@ class Session:
         return binding.copy_outputs_to_cpu()
 
 
-
 def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = None, provider: str = "auto",
                    threads: int | None = None) -> Session:
     """Create an ONNX Runtime session for `proto` (default: the model itself).
@@ -190,7 +186,6 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
                    input_dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(model.input.elem_type)))
 
 
-
 def _release_model_bytes(inner: ort.InferenceSession) -> None:
     """Drop the serialized model ORT's Python wrapper keeps for the session's whole life.
 
@@ -205,7 +200,6 @@ def _release_model_bytes(inner: ort.InferenceSession) -> None:
         inner._model_bytes = None
 
 
-
 def resolve_provider(provider: str) -> str:
     if provider in PROVIDERS.values():
         return provider
@@ -217,7 +211,6 @@ def resolve_provider(provider: str) -> str:
     if name not in PROVIDERS:
         raise UsageError(f"unknown provider {provider!r}: use auto, cpu, cuda or tensorrt")
     return PROVIDERS[name]
-
 
 
 def cuda_memory() -> int | None:

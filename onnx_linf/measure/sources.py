@@ -23,10 +23,7 @@ from .preprocess import Preprocess
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 
 
-
 @dataclass
-
-
 class Batch:
     """A batch of calibration or evaluation data."""
 
@@ -42,10 +39,7 @@ class Batch:
         return 0 if data is None else int(data.shape[0])
 
 
-
 @dataclass
-
-
 class DataSource:
     """Base of calibration sources: knows its length and yields `Batch`es of a given size."""
 
@@ -68,7 +62,6 @@ class DataSource:
         return False
 
 
-
 def _decode(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
@@ -79,7 +72,6 @@ def _decode(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CalibrationDataError(f"cannot read image {path}: {exc}") from None
     return arr[..., None] if arr.ndim == 2 else arr
-
 
 
 class ImageFolder(DataSource):
@@ -154,10 +146,8 @@ class ImageFolder(DataSource):
                 yield batch
 
 
-
 def _list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
 
 
 class ArraySource(DataSource):
@@ -236,7 +226,6 @@ class ArraySource(DataSource):
             yield Batch(pixels=data, labels=labels) if self._pixels else Batch(tensor=data, labels=labels)
 
 
-
 class FeedSource(DataSource):
     """Any sequence of preprocessed input arrays (the library's simplest data contract)."""
 
@@ -262,7 +251,6 @@ class FeedSource(DataSource):
         for i in range(0, len(self.x), batch_size):
             yield Batch(tensor=self.x[i:i + batch_size],
                         labels=None if self.y is None else self.y[i:i + batch_size])
-
 
 
 class ScriptSource(DataSource):
@@ -325,7 +313,6 @@ class ScriptSource(DataSource):
         for batch in self._raw():
             for i in range(0, len(batch), batch_size):
                 yield Batch(tensor=batch.tensor[i:i + batch_size])
-
 
 
 def open_source(path: str | os.PathLike, preprocess: Preprocess, *, labelled: bool = False,

@@ -16,8 +16,6 @@ from .instrument import BATCH_STATS, CHANNEL_STATS, IMAGE_STATS, POSITION_STATS,
 
 
 @dataclass
-
-
 class Moments:
     """Streaming aggregate of one statistic, per channel."""
 
@@ -70,10 +68,7 @@ class Moments:
         return np.sqrt(np.maximum(self.m2 / self.count, 0.0))
 
 
-
 @dataclass
-
-
 class TopK:
     """The k largest (or smallest) values seen along the image axis, per element: exact and streaming.
 
@@ -116,10 +111,7 @@ class TopK:
         return v if self.largest else -v
 
 
-
 @dataclass
-
-
 class ChannelStats:
     """All aggregates of one tap."""
 
@@ -163,14 +155,12 @@ class ChannelStats:
         )
 
 
-
 def _combine(a: np.ndarray | None, b: np.ndarray | None, op) -> np.ndarray | None:
     if a is None:
         return None if b is None else b.copy()
     if b is None:
         return a
     return op(a, b)
-
 
 
 class StatsCollector:

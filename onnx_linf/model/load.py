@@ -26,10 +26,7 @@ log = logging.getLogger(__name__)
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
 
 
-
 @dataclass(frozen=True)
-
-
 class TensorSpec:
     """Name, element type and shape of a graph input or output."""
 
@@ -52,10 +49,7 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
                            "QLinearGlobalAveragePool", "QLinearAveragePool"})
 
 
-
 @dataclass(frozen=True)
-
-
 class Model:
     """A loaded, validated ONNX model."""
 
@@ -85,7 +79,6 @@ class Model:
         return sorted({n.op_type for n in self.proto.graph.node if n.op_type in QUANTIZED_OPS})
 
 
-
 def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = value_info.type.tensor_type
     dims: list[int | str | None] = []
@@ -100,14 +93,12 @@ def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value_info.name, int(tensor_type.elem_type), tuple(dims))
 
 
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
@@ -128,7 +119,6 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
     return uses_external
 
 
-
 def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are fed at run time.
 
@@ -137,7 +127,6 @@ def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """
     initializer_names = {init.name for init in graph.initializer}
     return [vi for vi in graph.input if vi.name not in initializer_names]
-
 
 
 def load_model(path: str | os.PathLike) -> Model:

@@ -56,10 +56,7 @@ HEAD_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "Flatten", "ReduceMe
                       "Reshape", "Gemm", "MatMul"})
 
 
-
 @dataclass(frozen=True)
-
-
 class Tap:
     """One activation map onnx-linf measures."""
 
@@ -87,7 +84,6 @@ class Tap:
     def static_spatial(self) -> bool:
         """True when H and W are both known statically."""
         return all(isinstance(d, int) for d in self.spatial)
-
 
 
 class GraphIndex:
@@ -135,7 +131,6 @@ class GraphIndex:
         return None if shape is None else len(shape)
 
 
-
 def _infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | None, ...]], dict[str, int]]:
     """Shapes and element types of the graph's tensors, as far as shape inference knows them."""
     try:
@@ -158,7 +153,6 @@ def _infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | N
     return shapes, types
 
 
-
 def _is_per_channel_const(index: GraphIndex, name: str, channels: int | None) -> bool:
     """True if `name` is a constant broadcastable as a per-channel [C,1,1] / [1,C,1,1] operand."""
     value = index.const_value(name)
@@ -174,7 +168,6 @@ def _is_per_channel_const(index: GraphIndex, name: str, channels: int | None) ->
     return len(shape) >= 3 and shape[-3] == squeezed[0] and (channels is None or squeezed[0] == channels)
 
 
-
 def _continues_map(index: GraphIndex, node: onnx.NodeProto, tensor: str, channels: int | None) -> bool:
     """Whether `node` (the single consumer of `tensor`) is a per-channel op the map continues through."""
     op = node.op_type
@@ -186,7 +179,6 @@ def _continues_map(index: GraphIndex, node: onnx.NodeProto, tensor: str, channel
         others = [i for i in node.input if i != tensor]
         return len(others) == 1 and _is_per_channel_const(index, others[0], channels)
     return False
-
 
 
 def _non_negative(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -203,7 +195,6 @@ def _non_negative(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return False
 
 
-
 def _channels(index: GraphIndex, start: onnx.NodeProto, tensor: str) -> int | None:
     if start.op_type == "Conv" and len(start.input) > 1:
         weight = index.initializers.get(start.input[1])
@@ -213,7 +204,6 @@ def _channels(index: GraphIndex, start: onnx.NodeProto, tensor: str) -> int | No
     if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
         return shape[1]
     return None
-
 
 
 def _follow_chain(index: GraphIndex, start: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]:
@@ -235,7 +225,6 @@ def _follow_chain(index: GraphIndex, start: onnx.NodeProto) -> tuple[str, list[o
     return tensor, chain
 
 
-
 def _sigmoid_gate(index: GraphIndex, tensor: str, consumers: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
     """[Sigmoid, Mul] when `tensor` feeds exactly ``Mul(tensor, Sigmoid(tensor))`` and nothing else."""
     if len(consumers) != 2:
@@ -249,7 +238,6 @@ def _sigmoid_gate(index: GraphIndex, tensor: str, consumers: list[onnx.NodeProto
     if index.consumers.get(sig.output[0], []) != [mul]:
         return None
     return [sig, mul]
-
 
 
 def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None:
@@ -275,14 +263,12 @@ def _make_tap(index: GraphIndex, kind: str, start: onnx.NodeProto) -> Tap | None
     )
 
 
-
 def _is_residual_add(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type not in ("Add", "Sum") or len(node.input) < 2:
         return False
     if any(index.const_value(i) is not None for i in node.input):
         return False
     return all(index.rank(i) in (4, None) for i in node.input) and index.rank(node.output[0]) == 4
-
 
 
 def _find_head_map(index: GraphIndex) -> str | None:
@@ -307,7 +293,6 @@ def _find_head_map(index: GraphIndex) -> str | None:
             break
         tensor = pool.input[0]
     return tensor
-
 
 
 def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
@@ -386,11 +371,9 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
     return selected
 
 
-
 def _position(index: GraphIndex, tensor: str) -> int:
     producer = index.producer.get(tensor)
     return index.nodes.index(producer) if producer is not None else -1
-
 
 
 def _tap_for_tensor(index: GraphIndex, tensor: str, kind: str) -> Tap | None:

@@ -21,10 +21,19 @@ SCHEMA_VERSION = 1
 VERDICTS = ("clean", "suspected", "not-assessed")
 
 
+class Report:
+    """Base of every command's report: one JSON form, written by every writer from the same object."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary (numpy values converted, non-finite floats as null)."""
+        return jsonable(asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Serialise to JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
 
 @dataclass(frozen=True)
-
-
 class ModelInfo:
     """Identity of the input model."""
 
@@ -45,10 +54,7 @@ class ModelInfo:
         return cls(str(model.path), model.sha256, model.opset, model.input.name, list(model.input.shape))
 
 
-
 @dataclass(frozen=True)
-
-
 class NormStats:
     """Aggregates of one per-image statistic over the calibration images, per channel."""
 
@@ -62,10 +68,7 @@ class NormStats:
     """Smallest value over images."""
 
 
-
 @dataclass(frozen=True)
-
-
 class TapReport:
     """Everything measured and decided about one tap."""
 
@@ -89,11 +92,8 @@ class TapReport:
     """Same aggregates on trigger-stamped / suspect images, when evidence was given."""
 
 
-
 @dataclass(frozen=True)
-
-
-class ScanReport:
+class ScanReport(Report):
     """Result of `onnx_linf.scan` (and the base of the prune/clamp reports)."""
 
     model: ModelInfo
@@ -127,14 +127,6 @@ class ScanReport:
         """Tap name -> flagged channels (taps with none left out)."""
         return {t.name: list(t.flagged) for t in self.taps if t.flagged}
 
-    def to_dict(self) -> dict:
-        """JSON-ready dictionary (numpy values converted, non-finite floats as null)."""
-        return jsonable(asdict(self))
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """Serialise to JSON text."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
     @classmethod
     def from_dict(cls, data: dict) -> ScanReport:
         """Rebuild a report from `to_dict` output."""
@@ -151,14 +143,12 @@ class ScanReport:
         return cls(**kwargs)
 
 
-
 def norm_stats(stats: ChannelStats) -> dict[str, NormStats]:
     """Report form of a tap's per-image statistics."""
     return {
         name: NormStats(m.mean.tolist(), m.std.tolist(), m.max.tolist(), m.min.tolist())
         for name, m in stats.moments.items()
     }
-
 
 
 def tap_reports(taps: list[Tap], clean: dict[str, ChannelStats], flagged: Flagged | None,
@@ -175,3 +165,96 @@ def tap_reports(taps: list[Tap], clean: dict[str, ChannelStats], flagged: Flagge
             evidence_stats=None if evidence is None else norm_stats(evidence[tap.name]),
         ))
     return out
+
+
+@dataclass(frozen=True)
+class ClampMapReport:
+    """What the clamp bounded at one map."""
+
+    tap: str
+    """Tensor name of the map."""
+    granularity: str
+    """``position`` or ``channel``."""
+    two_sided: bool
+    """True when a lower bound is applied too."""
+    elements: int
+    """Bound values per side."""
+    hi_mean: float
+    """Mean upper bound."""
+    hi_max: float
+    """Largest upper bound."""
+    lo_min: float | None
+    """Smallest lower bound (two-sided maps)."""
+
+
+@dataclass(frozen=True)
+class ClampReport(Report):
+    """Result of `onnx_linf.clamp`."""
+
+    model: ModelInfo
+    """The input model."""
+    provider: str
+    """ONNX Runtime execution provider that actually ran."""
+    preprocess: dict
+    """Preprocessing used."""
+    calibration: dict
+    """Calibration source, image count and batch size."""
+    config: dict
+    """Clamp options as applied."""
+    maps: list[ClampMapReport]
+    """Per bounded map, in graph order."""
+    notes: list[str]
+    """Things the user should know (fallbacks, warnings)."""
+    verification: dict | None
+    """`verify.VerifyResult` as a dictionary, when the clamp must be the identity on calibration data."""
+    calibration_agreement: float
+    """Fraction of verification images whose top-1 class is unchanged."""
+    output: str | None
+    """Where the clamped model was written."""
+    evaluation: dict | None = None
+    """ACC / ASR before and after, when labelled data was given."""
+    schema_version: int = SCHEMA_VERSION
+    """Report schema version."""
+    tool: str = "onnx-linf"
+    """Tool name."""
+    command: str = "clamp"
+    """The command that wrote the report."""
+
+
+@dataclass(frozen=True)
+class EvaluationReport(Report):
+    """Result of `onnx_linf.commands.evaluate.evaluate_model`."""
+
+    model: str
+    """Model path as given."""
+    sha256: str
+    """sha256 of the model file."""
+    data: str
+    """Labelled data as given."""
+    preprocess: dict
+    """Preprocessing used."""
+    evaluation: dict
+    """`accuracy.Evaluation` as a dictionary."""
+    schema_version: int = SCHEMA_VERSION
+    """Report schema version."""
+    tool: str = "onnx-linf"
+    """Tool name."""
+
+
+@dataclass(frozen=True)
+class SynthesisReport(Report):
+    """Result of `onnx_linf.commands.synthesize.synthesize_model`: the search summary plus provenance."""
+
+    synthesis: dict
+    """`SynthResult.to_dict()`: suspected classes, anomaly indices, per-class triggers."""
+    model: ModelInfo
+    """The input model."""
+    preprocess: dict
+    """Preprocessing used."""
+    calibration: dict
+    """Calibration source and image count."""
+
+    def to_dict(self) -> dict:
+        """The synthesis summary with provenance sections next to it (the established JSON form)."""
+        return jsonable(dict(self.synthesis, model=asdict(self.model), preprocess=self.preprocess,
+                             calibration=self.calibration))

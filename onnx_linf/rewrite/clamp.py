@@ -17,11 +17,7 @@ from .graph import PREFIX, GraphFacts, Names, check_rewritable, export_graph, im
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True, eq=False)
-
-
 class ClampBound:
     """Bounds for one tap. ``eq=False``: numpy arrays have no single truth value for ``==``."""
 
@@ -31,10 +27,7 @@ class ClampBound:
     """Optional lower bound with the same shape as `hi` (``lo <= hi`` everywhere)."""
 
 
-
 @dataclass(frozen=True)
-
-
 class ClampRecord:
     """What `clamp_maps` did to one tap."""
 
@@ -46,7 +39,6 @@ class ClampRecord:
     """True when a lower bound was applied as well."""
     elements: int
     """Number of bound values per side (``C`` or ``C*H*W``)."""
-
 
 
 def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
@@ -75,7 +67,6 @@ def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
         short = cast.astype(arr.dtype) < arr if which == "hi" else cast.astype(arr.dtype) > arr
         cast = np.where(short, np.nextafter(cast, np.asarray(direction, dtype=cast.dtype)), cast)
     return cast, granularity
-
 
 
 def clamp_maps(model: Model, bounds: Mapping[str, ClampBound]) -> tuple[onnx.ModelProto, list[ClampRecord]]:

@@ -29,14 +29,12 @@ FOLDABLE_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, on
 PREFIX = "onnx_linf"
 
 
-
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
         elif attr.type == onnx.AttributeProto.GRAPHS:
             yield from attr.graphs
-
 
 
 def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -47,13 +45,11 @@ def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
             yield from walk_nodes(sub)
 
 
-
 def walk_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
         for sub in subgraphs(node):
             yield from walk_graphs(sub)
-
 
 
 class Names:
@@ -78,7 +74,6 @@ class Names:
             name = f"{base}_{k}"
         self.taken.add(name)
         return name
-
 
 
 class GraphFacts:
@@ -143,7 +138,6 @@ class GraphFacts:
         return self.uses[name] > 1
 
 
-
 def tensor_types(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple]]:
     """Element types and shapes of the graph's tensors (best effort: shape inference may fail)."""
     try:
@@ -166,7 +160,6 @@ def tensor_types(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tupl
     return types, shapes
 
 
-
 def check_rewritable(model: Model) -> None:
     """Raise `UnsupportedModelError` for quantized graphs.
 
@@ -182,7 +175,6 @@ def check_rewritable(model: Model) -> None:
             hint="clamp or prune the float model, then quantize the result")
 
 
-
 def np_dtype(tensor: str, facts: GraphFacts) -> np.dtype:
     """numpy dtype for constants combined with `tensor` (ONNX Mul/Min/Max need equal types)."""
     elem_type = facts.types.get(tensor)
@@ -195,14 +187,12 @@ def np_dtype(tensor: str, facts: GraphFacts) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-
 def import_graph(proto: onnx.ModelProto) -> gs.Graph:
     # graphsurgeon exports not-yet-loaded initializers by reusing the *imported* TensorProto
     # objects: import from a private copy so nothing we do can reach the caller's model.
     private = onnx.ModelProto()
     private.CopyFrom(proto)
     return gs.import_onnx(private)
-
 
 
 def splice_after(graph: gs.Graph, tensor: gs.Variable, names: Names,
@@ -221,7 +211,6 @@ def splice_after(graph: gs.Graph, tensor: gs.Variable, names: Names,
     pos = graph.nodes.index(producer) + 1
     graph.nodes[pos:pos] = nodes  # right after the producer: keeps topological order
     return raw.name
-
 
 
 def export_graph(graph: gs.Graph, source: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:

@@ -37,10 +37,7 @@ _OK = "ok"
 _FAILED = ("failed", "skipped")
 
 
-
 @dataclass(frozen=True)
-
-
 class VerifyResult:
     """Outcome of `verify_model`."""
 
@@ -58,17 +55,14 @@ class VerifyResult:
     """Number of input rows compared (sum of the batch sizes)."""
 
 
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-
 def _external_locations(proto: onnx.ModelProto) -> set[str]:
     return {ExternalDataInfo(t).location for t in onnx.external_data_helper._get_all_tensors(proto)
             if uses_external_data(t)}
-
 
 
 def _check(candidate: onnx.ModelProto) -> str:
@@ -106,12 +100,10 @@ def _check(candidate: onnx.ModelProto) -> str:
         return f"failed: could not run the checker: {_first_line(exc)}"
 
 
-
 def _signature(vi: onnx.ValueInfoProto) -> str:
     tt = vi.type.tensor_type
     dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
     return f"{vi.name}:{onnx.TensorProto.DataType.Name(tt.elem_type)}[{','.join(dims)}]"
-
 
 
 def _io_check(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
@@ -135,7 +127,6 @@ def _io_check(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
 #: Min, a Mul) moves where values get rounded to float16 and changes outputs by an ulp or two
 #: with no error in the surgery; a surgery error changes them by far more.
 FLOAT16_TOLERANCE = 1e-2
-
 
 
 def _compare(cand: np.ndarray, ref: np.ndarray, atol: float, rtol: float,
@@ -162,7 +153,6 @@ def _compare(cand: np.ndarray, ref: np.ndarray, atol: float, rtol: float,
     worst = int(np.argmax(diff))
     return int(np.count_nonzero(bad)), float(diff.flat[worst]), \
         0.0 if exact else float(bound.flat[worst]), int(cand.size)
-
 
 
 def _numeric(candidate: Session, reference: Session, inputs: Iterable[np.ndarray], atol: float,
@@ -197,7 +187,6 @@ def _numeric(candidate: Session, reference: Session, inputs: Iterable[np.ndarray
         summary = (f"failed: {violations} of {elements} output values differ ({rule}); "
                    f"max |diff| {max_diff:.3g} (tol {tol_at_max:.3g}) on {samples} inputs")
     return summary, max_diff, tol_at_max, samples
-
 
 
 def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.ModelProto,
@@ -250,7 +239,6 @@ def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.Model
                           tolerance=0.0 if exact else tol_at_max, samples=samples)
     log.info("verification %s: %s", "passed" if ok else "FAILED", checks)
     return result
-
 
 
 def require_ok(result: VerifyResult) -> None:

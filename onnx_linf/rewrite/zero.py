@@ -33,10 +33,7 @@ FOLD_THROUGH = ZERO_PRESERVING | {"Abs", "Neg"}
 RESET_OPS = frozenset({"Conv", "BatchNormalization"})
 
 
-
 @dataclass(frozen=True)
-
-
 class SurgeryRecord:
     """What `zero_channels` did to one tap."""
 
@@ -48,7 +45,6 @@ class SurgeryRecord:
     """``conv-fold``, ``bn-fold``, ``gemm-fold`` or ``mask``."""
     detail: str
     """Human-readable account: which parameters were zeroed, or why a mask was used instead."""
-
 
 
 def _channel_list(tap: str, values: Sequence[int], count: int) -> tuple[int, ...]:
@@ -64,7 +60,6 @@ def _channel_list(tap: str, values: Sequence[int], count: int) -> tuple[int, ...
     if dupes:
         raise RewriteError(f"channel(s) {dupes} listed more than once for tap '{tap}'")
     return tuple(sorted(out))
-
 
 
 def _validated(taps: Sequence[Tap], channels: Mapping[str, Sequence[int]],
@@ -90,10 +85,7 @@ def _validated(taps: Sequence[Tap], channels: Mapping[str, Sequence[int]],
     return work
 
 
-
 @dataclass(frozen=True)
-
-
 class _Edit:
     """Zero some entries of the constant feeding input `slot` of node `node`."""
 
@@ -107,15 +99,11 @@ class _Edit:
     """Channel count C of the tap (the size a ``bcast`` scalar is expanded to)."""
 
 
-
 @dataclass(frozen=True)
-
-
 class _Fold:
     method: str
     edits: tuple[_Edit, ...]
     detail: str
-
 
 
 def _resolve_chain(facts: GraphFacts, tap: Tap) -> list[tuple[int, int | None]] | str:
@@ -146,13 +134,11 @@ def _resolve_chain(facts: GraphFacts, tap: Tap) -> list[tuple[int, int | None]] 
     return resolved
 
 
-
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
-
 
 
 def _param_edit(facts: GraphFacts, node_idx: int, slot: int, layout: str, chans: frozenset[int],
@@ -167,7 +153,6 @@ def _param_edit(facts: GraphFacts, node_idx: int, slot: int, layout: str, chans:
     if len(dims) <= axis or dims[axis] != length:
         return f"'{name}' has shape {list(dims)}, expected {length} channels on axis {axis}"
     return _Edit(node_idx, slot, layout, chans, length)
-
 
 
 def _reset_edits(facts: GraphFacts, idx: int, tap: Tap,
@@ -211,7 +196,6 @@ def _reset_edits(facts: GraphFacts, idx: int, tap: Tap,
     return "bn-fold", edits, f"zeroed scale (gamma) and bias (beta) of BatchNormalization '{name}' for these channels"
 
 
-
 def _is_bcast_const(shape: tuple[int, ...], channels: int) -> bool:
     """True for a constant that broadcasts per channel against [N,C,H,W] without changing its shape."""
     size = int(np.prod(shape)) if shape else 1
@@ -220,7 +204,6 @@ def _is_bcast_const(shape: tuple[int, ...], channels: int) -> bool:
     if len(shape) not in (3, 4) or shape[-3] != channels:
         return False
     return all(d == 1 for i, d in enumerate(shape) if i != len(shape) - 3)
-
 
 
 def _after_reset(facts: GraphFacts, idx: int, data_slot: int, tap: Tap,
@@ -278,7 +261,6 @@ def _after_reset(facts: GraphFacts, idx: int, data_slot: int, tap: Tap,
     return f"{op} '{name}' does not provably map 0 to 0"
 
 
-
 def _plan_chain_fold(facts: GraphFacts, tap: Tap, chans: frozenset[int]) -> _Fold | str:
     chain = _resolve_chain(facts, tap)
     if isinstance(chain, str):
@@ -300,7 +282,6 @@ def _plan_chain_fold(facts: GraphFacts, tap: Tap, chans: frozenset[int]) -> _Fol
     if extra:
         detail += f" and the constant of {', '.join(extra)}"
     return _Fold(method, tuple(edits), detail)
-
 
 
 def _plan_gemm_fold(facts: GraphFacts, tap: Tap, chans: frozenset[int]) -> _Fold | str:
@@ -330,7 +311,6 @@ def _plan_gemm_fold(facts: GraphFacts, tap: Tap, chans: frozenset[int]) -> _Fold
     return _Fold("gemm-fold", (edit,), detail)
 
 
-
 def _zeroed(values: np.ndarray, layout: str, chans: Sequence[int], count: int) -> np.ndarray:
     arr = np.array(values, copy=True)
     idx = sorted(chans)
@@ -347,7 +327,6 @@ def _zeroed(values: np.ndarray, layout: str, chans: Sequence[int], count: int) -
         flat = arr.reshape(-1)  # a view: `arr` is a fresh C-contiguous copy
         flat[idx] = 0
     return arr
-
 
 
 def _apply_edits(graph: gs.Graph, facts: GraphFacts, names: Names, edits: list[_Edit]) -> dict[str, str]:
@@ -384,13 +363,11 @@ def _apply_edits(graph: gs.Graph, facts: GraphFacts, names: Names, edits: list[_
     return cloned
 
 
-
 def _mask_nodes(tap: str, mask: np.ndarray, names: Names) -> Callable[[gs.Variable, gs.Variable], list[gs.Node]]:
     def build(raw: gs.Variable, out: gs.Variable) -> list[gs.Node]:
         const = gs.Constant(names.fresh(f"{PREFIX}/mask/{tap}"), mask)
         return [gs.Node("Mul", names.fresh(f"{PREFIX}/mask/{tap}/Mul"), inputs=[raw, const], outputs=[out])]
     return build
-
 
 
 def zero_channels(model: Model, taps: Sequence[Tap], channels: Mapping[str, Sequence[int]], *,

@@ -21,10 +21,8 @@ EVAL_CHUNK = 256
 CALL_BYTES = 64 << 20
 
 
-
 class OutOfBudget(Exception):
     """A forward pass would exceed the query budget or start after the time limit."""
-
 
 
 class Oracle:
@@ -84,7 +82,6 @@ class Oracle:
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-
 class PixelSource(DataSource):
     """In-memory uint8 pixels as a `DataSource` (for the ℓ∞ probe)."""
 
@@ -98,7 +95,6 @@ class PixelSource(DataSource):
     def batches(self, batch_size: int) -> Iterator[Batch]:
         for i in range(0, len(self.pixels), batch_size):
             yield Batch(pixels=self.pixels[i:i + batch_size])
-
 
 
 def read_pool(source: DataSource, limit: int) -> np.ndarray:
@@ -140,7 +136,6 @@ def read_pool(source: DataSource, limit: int) -> np.ndarray:
     if n < 2:
         raise CalibrationDataError(f"trigger synthesis needs at least 2 calibration images, got {n}")
     return np.concatenate(chunks)
-
 
 
 def static_classes(output_shape: Sequence) -> int | None:

@@ -19,8 +19,6 @@ from .space import Window, patch_decode, patch_dim, patch_sizes, patch_windows, 
 
 
 @dataclass
-
-
 class PatchScan:
     """Shared result of the random patch scan: per window and class, the best random pattern."""
 
@@ -31,7 +29,6 @@ class PatchScan:
     """Per window: ``[samples, size * size + chroma]`` pattern parameters of the random patterns."""
     best: np.ndarray
     """``[windows, classes]`` index of the best pattern."""
-
 
 
 def patch_scan(oracle: Oracle, pool: np.ndarray, sizes: Sequence[int], config: SynthConfig) -> PatchScan:
@@ -68,17 +65,14 @@ def patch_scan(oracle: Oracle, pool: np.ndarray, sizes: Sequence[int], config: S
     return PatchScan(windows, score, params, best)
 
 
-
 def patch_scan_cost(pool_len: int, height: int, width: int, channels: int, config: SynthConfig) -> int:
     n = len(patch_windows(height, width, patch_sizes(height, width, config)))
     return n * config.patch_samples * min(config.batch, pool_len)
 
 
-
 def patch_cost(config: SynthConfig) -> int:
     pairs = max(1, config.pairs // 2)
     return config.patch_windows * config.patch_steps * (2 * pairs + 1) * config.batch
-
 
 
 def patch_search(oracle: Oracle, scan: PatchScan, target: int, train: np.ndarray, config: SynthConfig,

@@ -11,8 +11,6 @@ from ...measure.preprocess import Trigger
 
 
 @dataclass(frozen=True)
-
-
 class SynthConfig:
     """Options of `synthesize`. Defaults are tuned on small CNNs (16x16 digits, 32x32 CIFAR-10)."""
 
@@ -124,10 +122,7 @@ class SynthConfig:
                 raise UsageError(f"classes has duplicates: {list(self.classes)}")
 
 
-
 @dataclass(frozen=True)
-
-
 class ClassTrigger:
     """The smallest trigger found for one target class."""
 
@@ -179,10 +174,7 @@ class ClassTrigger:
                 "concentration": None if self.concentration is None else round(self.concentration, 4)}
 
 
-
 @dataclass(frozen=True)
-
-
 class SynthResult:
     """Triggers of every searched class and the Neural Cleanse verdict."""
 

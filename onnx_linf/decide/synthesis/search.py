@@ -52,8 +52,6 @@ _PRUNE_IMAGES = 64
 _FAINT = 0.1
 
 
-
-
 class Adam:
     """Adam on a gradient *estimate* (Kingma & Ba's defaults): per-coordinate step sizes make the
     noisy NES estimate usable without tuning a learning rate per parameter group."""
@@ -74,7 +72,6 @@ class Adam:
         return theta - self.lr * m1 / (np.sqrt(m2) + 1e-8)
 
 
-
 def nes_gradient(losses: np.ndarray, eps: np.ndarray, sigma: float) -> np.ndarray:
     """Antithetic NES estimate of the gradient of the Gaussian-smoothed loss, on centred ranks.
 
@@ -87,7 +84,6 @@ def nes_gradient(losses: np.ndarray, eps: np.ndarray, sigma: float) -> np.ndarra
     return ((r[:pairs] - r[pairs:])[:, None] * eps).sum(axis=0) / (pairs * sigma)
 
 
-
 def centered_ranks(values: np.ndarray) -> np.ndarray:
     """Rank-based fitness shaping: ranks scaled to [-0.5, 0.5] (ties broken by position)."""
     ranks = np.empty(len(values))
@@ -95,10 +91,7 @@ def centered_ranks(values: np.ndarray) -> np.ndarray:
     return ranks / max(len(values) - 1, 1) - 0.5
 
 
-
 @dataclass
-
-
 class Plan:
     """Per-class query reservations, so that the budget check never cuts a validation short."""
 
@@ -113,7 +106,6 @@ class Plan:
     def reserve(self) -> int:
         # One more validation than the binary search needs: the pruned mask is validated too.
         return (self.validations + 1) * self.eval_cost + self.evidence_cost + self.prune_cost + self.patch_cost
-
 
 
 def search(oracle: Oracle, space: Space, target: int, train: np.ndarray, config: SynthConfig,
@@ -178,14 +170,12 @@ def search(oracle: Oracle, space: Space, target: int, train: np.ndarray, config:
     return snapshots, fallback, steps
 
 
-
 def stamped_asr(oracle: Oracle, target: int, images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> float:
     """Attack success rate of one trigger on uint8 `images`."""
     trig = Trigger(pattern=pattern.astype(np.float32), mask=mask[..., None].astype(np.float32))
     # Rounded uint8 stamping: exactly what `ClassTrigger.as_trigger().stamp` produces later.
     pred = oracle.logits(trig.stamp(images)).argmax(axis=1)
     return float((pred == target).mean())
-
 
 
 def validate(oracle: Oracle, space: Space, target: int, evals: np.ndarray, snapshots: list,
@@ -224,7 +214,6 @@ def validate(oracle: Oracle, space: Space, target: int, evals: np.ndarray, snaps
             return ordered[best][1], cache[best], True
     log.info("class %d: no budget left to validate the trigger", target)
     return fallback, float("nan"), False
-
 
 
 def prune_mask(oracle: Oracle, space: Space, target: int, mask: np.ndarray, pattern: np.ndarray,
@@ -286,7 +275,6 @@ def prune_mask(oracle: Oracle, space: Space, target: int, mask: np.ndarray, patt
     except OutOfBudget:
         log.info("class %d: pruning stopped at its query allowance", target)
     return mask
-
 
 
 def pruned(oracle: Oracle, space: Space, target: int, mask: np.ndarray, pattern: np.ndarray,

@@ -14,12 +14,10 @@ from .results import SynthConfig
 _INSIDE_LOGIT, _OUTSIDE_LOGIT = 3.0, -4.0
 
 
-
 def cells(size: int, grid: int) -> np.ndarray:
     """Index of the grid cell each of `size` pixels falls in (nearest upsampling of `grid` cells)."""
     g = min(size, grid)
     return (np.arange(size) * g) // size
-
 
 
 class Space:
@@ -75,10 +73,8 @@ class Space:
         return mask, 255.0 * sigmoid(logits)
 
 
-
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form of 1 / (1 + exp(-z))
-
 
 
 def stamp(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
@@ -88,15 +84,11 @@ def stamp(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarr
     return out.reshape((-1,) + images.shape[1:]).astype(np.float32, copy=False)
 
 
-
 @dataclass(frozen=True)
-
-
 class Window:
     row: int
     col: int
     size: int
-
 
 
 def patch_sizes(height: int, width: int, config: SynthConfig) -> tuple[int, ...]:
@@ -107,7 +99,6 @@ def patch_sizes(height: int, width: int, config: SynthConfig) -> tuple[int, ...]
         base = max(4, round(side / 8))
         sizes = (base, round(1.5 * base))
     return tuple(sorted({min(int(v), side) for v in sizes}))
-
 
 
 def patch_windows(height: int, width: int, sizes: Sequence[int]) -> list[Window]:
@@ -121,14 +112,12 @@ def patch_windows(height: int, width: int, sizes: Sequence[int]) -> list[Window]
     return out
 
 
-
 def stamp_windows(images: np.ndarray, windows: Sequence[Window], patches: Sequence[np.ndarray]) -> np.ndarray:
     """Each opaque patch in its window on every image -> ``[len(windows) * B, H, W, C]`` float32."""
     out = np.repeat(images[None].astype(np.float32), len(windows), axis=0)
     for k, (w, patch) in enumerate(zip(windows, patches)):
         out[k, :, w.row:w.row + w.size, w.col:w.col + w.size, :] = patch
     return out.reshape((-1,) + images.shape[1:])
-
 
 
 def patch_decode(theta: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -140,7 +129,6 @@ def patch_decode(theta: np.ndarray, size: int, channels: int) -> np.ndarray:
     else:
         luma = np.broadcast_to(luma, (k, size, size, channels))
     return 255.0 * sigmoid(luma)
-
 
 
 def patch_dim(size: int, channels: int) -> int:

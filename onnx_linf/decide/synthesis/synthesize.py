@@ -27,8 +27,6 @@ from .verdict import anomaly_index, suspected_classes
 log = logging.getLogger(__name__)
 
 
-
-
 def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config: SynthConfig = SynthConfig(), *,
                provider: str = "auto", progress: Progress | None = None) -> SynthResult:
     """Search a minimal trigger per candidate class with ONNX Runtime forward passes only.
@@ -176,7 +174,6 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
                        complete=len(results) == len(classes))
 
 
-
 def _make_probe(model: Model, provider: str):
     """An instrumented session measuring per-channel ℓ∞ of the last activation map, or None."""
     # Imported here: `pipeline` imports half the package, and synthesis without evidence needs none of it.
@@ -187,7 +184,6 @@ def _make_probe(model: Model, provider: str):
         log.info("no ℓ∞ evidence: %s", exc)
         return None
     return Probe(model, taps, ("linf",), provider)
-
 
 
 def _concentration(probe, oracle: Oracle, evals: np.ndarray, mask: np.ndarray, pattern: np.ndarray,

@@ -17,7 +17,6 @@ def _png_writer(array: np.ndarray):
     return lambda p: img.save(p, format="PNG")
 
 
-
 def write_triggers(result: SynthResult, out_dir: str | Path) -> None:
     """Write ``class_<c>/trigger.png``, ``class_<c>/mask.png`` per class and ``summary.json``.
 

@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 MAD_CONSISTENCY = 1.4826
 
 
-
 def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | None = None) -> np.ndarray:
     """Neural Cleanse's anomaly index of per-class trigger norms, signed towards small norms.
 
@@ -71,7 +70,6 @@ def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | Non
     if mad == 0.0:
         mad = 1e-3 * max(abs(med), 1.0 if scale == "log" else 1e-12)
     return (med - x) / (MAD_CONSISTENCY * mad)
-
 
 
 def suspected_classes(classes: Sequence[int], index: np.ndarray, threshold: float) -> tuple[int, ...]:
