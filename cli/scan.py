@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from onnx_linf.commands.evidence import Evidence
+from onnx_linf.commands.gate import judge
 from onnx_linf.commands.options import ScanConfig
 from onnx_linf.commands.scan import scan
 from onnx_linf.errors import UsageError
@@ -15,6 +16,7 @@ from onnx_linf.errors import UsageError
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
+from .outputs import SarifOut, SummaryOut, check_targets, write_sarif, write_summary
 from .render import flagged_lines, model_summary, print_notes, synthesis_table, taps_table
 
 
@@ -50,6 +52,8 @@ def scan_command(
     mean: o.Mean = None,
     std: o.Std = None,
     json_out: o.JsonOut = None,
+    sarif: SarifOut = None,
+    summary: SummaryOut = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of every conv activation map on calibration images.
@@ -62,6 +66,7 @@ def scan_command(
     rank channels by differential ℓ∞ (evidence minus clean).
     """
     with user_errors():
+        check_targets(sarif, summary)
         config = ScanConfig(
             layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold, score=score,
             stats=tuple(s.strip() for s in stats.split(",") if s.strip()), batch_size=parse_batch(batch_size),
@@ -78,7 +83,10 @@ def scan_command(
                 raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
         report = scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet))
+        outcome = judge(report, fail_on_suspect=fail_on_suspect)
         write_json(json_out, report.to_json())
+        write_sarif(sarif, [outcome])
+        write_summary(summary, outcome)
     if not quiet:
         model_summary(report)
         console.print(taps_table(report))
@@ -88,9 +96,7 @@ def scan_command(
         console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
         print_notes(report.extra.get("notes"))
         _next_steps(model, calib, report.policy["evidence"])
-    if fail_on_suspect and report.verdict == "suspected":
-        raise typer.Exit(ExitCode.SUSPECTED)
-    raise typer.Exit(ExitCode.OK)
+    raise typer.Exit(ExitCode(outcome.exit_code))
 
 
 def _next_steps(model: Path, calib: Path, evidence: bool) -> None:

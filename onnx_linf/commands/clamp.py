@@ -18,6 +18,7 @@ from ..model.files import check_output_path, save_model
 from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ClampMapReport, ClampReport, ModelInfo
+from ..report.visuals import Visuals
 from ..rewrite.clamp import ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
@@ -131,5 +132,6 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         verification=None if result is None else dataclasses.asdict(result),
         calibration_agreement=agreement,
         output=None if output is None else str(output),
+        visuals=Visuals(bounds={b.tap: (b.hi, b.lo) for b in bounds}),
     )
     return ClampResult(proto=proto, bounds=bounds, records=records, report=report)

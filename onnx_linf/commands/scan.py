@@ -13,6 +13,7 @@ from ..measure.sources import DataSource, open_source
 from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ModelInfo, ScanReport, tap_reports
+from ..report.visuals import Visuals
 from .common import calibration_section, open_calibration, policy_section
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .options import ScanConfig
@@ -74,9 +75,11 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         extra["bounds_exceedance"] = bounds_exceedance(model, taps, clean, suspect_source, preprocess,
                                                        config.batch_size, config.provider)
     flagged = score_and_flag(config, clean, ev_stats)
+    visuals = None
     if evidence is not None and evidence.synthesis is not None:
         verdict, reason = synthesis_verdict(evidence.synthesis)
         extra["synthesis"] = evidence.synthesis.to_dict()
+        visuals = Visuals.of_triggers(evidence.synthesis.triggers)
     elif evidence is None:
         verdict, reason = "not-assessed", (
             "no trigger evidence: flagged channels are the most active on clean images, which is not "
@@ -97,4 +100,5 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         verdict_reason=reason,
         evidence=None if evidence is None else evidence.describe(),
         extra=extra,
+        visuals=visuals,
     )

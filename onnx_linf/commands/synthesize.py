@@ -12,6 +12,7 @@ from ..measure.calibrate import Progress
 from ..measure.sources import open_source
 from ..model.load import Model, load_model
 from ..report.types import ModelInfo, SynthesisReport
+from ..report.visuals import Visuals
 from .options import PreprocessOptions
 
 
@@ -45,5 +46,6 @@ def synthesize_model(model_path: str | os.PathLike | Model, calib: str | os.Path
     if out_dir is not None:
         write_triggers(result, out_dir)
     report = SynthesisReport(synthesis=result.to_dict(), model=ModelInfo.of(model), preprocess=pre.to_dict(),
-                             calibration={"source": source.description})
+                             calibration={"source": source.description},
+                             visuals=Visuals.of_triggers(result.triggers))
     return SynthesizeResult(result, report)

@@ -14,6 +14,7 @@ from ..measure.stats import ChannelStats
 from ..model.load import Model
 from ..model.taps import Tap
 from .json import jsonable
+from .visuals import Visuals, hidden
 
 SCHEMA_VERSION = 1
 
@@ -25,8 +26,11 @@ class Report:
     """Base of every command's report: one JSON form, written by every writer from the same object."""
 
     def to_dict(self) -> dict:
-        """JSON-ready dictionary (numpy values converted, non-finite floats as null)."""
-        return jsonable(asdict(self))
+        """JSON-ready dictionary (numpy values converted, non-finite floats as null).
+
+        Fields marked ``json=False`` (`visuals.hidden`: images and arrays for the HTML report) are left out.
+        """
+        return jsonable({f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)})
 
     def to_json(self, indent: int | None = 2) -> str:
         """Serialise to JSON text."""
@@ -122,6 +126,8 @@ class ScanReport(Report):
     """Tool version."""
     extra: dict = field(default_factory=dict)
     """Command-specific sections (prune surgery, clamp bounds, evaluation ...)."""
+    visuals: Visuals | None = hidden()
+    """Images and arrays for the HTML report (not in the JSON form)."""
 
     def flagged_channels(self) -> dict[str, list[int]]:
         """Tap name -> flagged channels (taps with none left out)."""
@@ -219,6 +225,8 @@ class ClampReport(Report):
     """Tool name."""
     command: str = "clamp"
     """The command that wrote the report."""
+    visuals: Visuals | None = hidden()
+    """The bounds themselves, for the HTML report (not in the JSON form)."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,8 @@ class SynthesisReport(Report):
     """Preprocessing used."""
     calibration: dict
     """Calibration source and image count."""
+    visuals: Visuals | None = hidden()
+    """Trigger and mask images, for the HTML report (not in the JSON form)."""
 
     def to_dict(self) -> dict:
         """The synthesis summary with provenance sections next to it (the established JSON form)."""

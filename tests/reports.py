@@ -1,0 +1,38 @@
+"""Cheap, real reports for the writer tests: scans of the digits fixtures on a few images (cached)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from onnx_linf import Evidence, ScanConfig, scan
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+CALIB = FIXTURES / "digits_calib"
+
+
+@functools.cache
+def plain_scan(name: str = "digits_badnets"):
+    """Scan without evidence (verdict not-assessed), 32 images."""
+    return scan(FIXTURES / f"{name}.onnx", CALIB, ScanConfig(limit=32, provider="cpu"))
+
+
+def stamped_pixels(path: Path, n: int = 32) -> Path:
+    """The first n calibration images with the BadNets trigger stamped, as uint8 [n, 16, 16, 1] in an .npy."""
+    files = sorted(CALIB.rglob("*.png"))[:n]
+    x = np.stack([np.asarray(Image.open(f).convert("L"), dtype=np.float32) for f in files])[..., None]
+    t = np.asarray(Image.open(FIXTURES / "digits_badnets_trigger.png").convert("L"), dtype=np.float32)[..., None]
+    m = np.asarray(Image.open(FIXTURES / "digits_badnets_mask.png").convert("L"), dtype=np.float32)[..., None] / 255
+    np.save(path, np.clip(np.rint((1 - m) * x + m * t), 0, 255).astype(np.uint8))
+    return path
+
+
+@functools.cache
+def suspect_scan(folder: str):
+    """Scan of the BadNets model with trigger-stamped suspect images (bounds exceedance measured)."""
+    suspects = stamped_pixels(Path(folder) / "suspects.npy")
+    return scan(FIXTURES / "digits_badnets.onnx", CALIB, ScanConfig(limit=32, provider="cpu"),
+                evidence=Evidence(suspect=suspects))
