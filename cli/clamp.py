@@ -19,6 +19,7 @@ from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .evaluate import evaluation_table
 from .exit_codes import ExitCode
+from .outputs import HtmlOut, SummaryOut, check_html, check_targets, write_html, write_summary
 from .prune import EvalData, Output, Target
 from .render import print_notes
 
@@ -49,6 +50,8 @@ def clamp_command(
     mean: o.Mean = None,
     std: o.Std = None,
     json_out: o.JsonOut = None,
+    summary: SummaryOut = None,
+    html_out: HtmlOut = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Bound every conv activation map to the range clean calibration images produce there.
@@ -57,6 +60,8 @@ def clamp_command(
     produce is cut; image-wide blended triggers that stay inside the clean range are the weak case.
     """
     with user_errors():
+        check_targets(summary, html_out)
+        check_html(html_out)
         if eval_data is not None and (trigger is None or target is None):
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
@@ -73,6 +78,8 @@ def clamp_command(
                               target=target, provider=provider)
             report = dataclasses.replace(report, evaluation={k: v.to_dict() for k, v in ev.items()})
         write_json(json_out, report.to_json())
+        write_summary(summary, report)
+        write_html(html_out, report)
     if not quiet:
         console.print(bounds_table(report))
         print_notes(report.notes)

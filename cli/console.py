@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnx_linf.errors import LinfError
@@ -42,9 +43,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except LinfError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # Messages are plain text: "pip install 'onnx-linf[report]'" must not be read as rich markup.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         if exc.hint:
-            console.print(f"[dim]hint: {exc.hint}[/]", soft_wrap=True)
+            console.print(f"[dim]hint: {escape(exc.hint)}[/]", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

@@ -10,7 +10,9 @@ import typer
 
 from onnx_linf.errors import UsageError
 from onnx_linf.model.files import atomic_write_text
+from onnx_linf.report.html import html_report
 from onnx_linf.report.markdown import markdown_summary
+from onnx_linf.report.plots import pyplot
 from onnx_linf.report.sarif import sarif_json
 
 from .console import console
@@ -59,3 +61,17 @@ def write_sarif(path: Path | None, outcomes) -> None:
     atomic_write_text(path, sarif_json(outcomes) + "\n")
     console.print(f"SARIF written to [bold]{path}[/]")
 
+
+
+def write_html(path: Path | None, report) -> None:
+    """The self-contained HTML report."""
+    if path is None:
+        return
+    atomic_write_text(path, html_report(report))
+    console.print(f"HTML report written to [bold]{path}[/]")
+
+
+def check_html(path: Path | None) -> None:
+    """Fail before any work when --report is asked for without matplotlib."""
+    if path is not None:
+        pyplot()

@@ -16,7 +16,7 @@ from onnx_linf.errors import UsageError
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
-from .outputs import SarifOut, SummaryOut, check_targets, write_sarif, write_summary
+from .outputs import HtmlOut, SarifOut, SummaryOut, check_html, check_targets, write_html, write_sarif, write_summary
 from .render import flagged_lines, model_summary, print_notes, synthesis_table, taps_table
 
 
@@ -54,6 +54,7 @@ def scan_command(
     json_out: o.JsonOut = None,
     sarif: SarifOut = None,
     summary: SummaryOut = None,
+    html_out: HtmlOut = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of every conv activation map on calibration images.
@@ -66,7 +67,8 @@ def scan_command(
     rank channels by differential ℓ∞ (evidence minus clean).
     """
     with user_errors():
-        check_targets(sarif, summary)
+        check_targets(sarif, summary, html_out)
+        check_html(html_out)
         config = ScanConfig(
             layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold, score=score,
             stats=tuple(s.strip() for s in stats.split(",") if s.strip()), batch_size=parse_batch(batch_size),
@@ -87,6 +89,7 @@ def scan_command(
         write_json(json_out, report.to_json())
         write_sarif(sarif, [outcome])
         write_summary(summary, outcome)
+        write_html(html_out, outcome)
     if not quiet:
         model_summary(report)
         console.print(taps_table(report))

@@ -35,7 +35,7 @@ def write_plot(result: SweepResult, path: Path) -> None:
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'onnx-linf[plot]'") from None
+        raise UsageError("--plot needs matplotlib: pip install 'onnx-linf[report]'") from None
     ratios = [0.0] + [r.ratio for r in result.rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ratios, [100 * result.base_accuracy] + [100 * r.accuracy for r in result.rows], "o-", label="clean ACC")

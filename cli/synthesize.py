@@ -14,6 +14,7 @@ from onnx_linf.decide.synthesis.results import SynthConfig, SynthResult
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
+from .outputs import HtmlOut, SummaryOut, check_html, check_targets, write_html, write_summary
 
 
 def synthesize_command(
@@ -43,6 +44,8 @@ def synthesize_command(
     mean: o.Mean = None,
     std: o.Std = None,
     json_out: o.JsonOut = None,
+    summary: SummaryOut = None,
+    html_out: HtmlOut = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Search the smallest trigger that sends clean images to each class, with forward passes only.
@@ -52,6 +55,8 @@ def synthesize_command(
     evidence on the last activation map is reported alongside.
     """
     with user_errors():
+        check_targets(summary, html_out)
+        check_html(html_out)
         config = SynthConfig(classes=o.parse_classes(classes), steps=steps, seed=seed, max_queries=max_queries,
                              time_limit=time_limit, threshold=threshold, batch=batch_size,
                              images=limit if limit is not None else SynthConfig.images)
@@ -61,6 +66,8 @@ def synthesize_command(
                                 progress=BarProgress(quiet))
         result = done.synthesis
         write_json(json_out, done.report.to_json())
+        write_summary(summary, done.report)
+        write_html(html_out, done.report)
     if not quiet:
         console.print(triggers_table(result))
         verdict_lines(result)

@@ -11,7 +11,7 @@ from .many import ModelOutcome, ScanManyReport
 from .types import ClampReport, EvaluationReport, ScanReport, SynthesisReport
 
 #: Outcome -> what the summary shows first.
-_BADGES = {
+BADGES = {
     "clean": "✅ clean",
     "suspected": "❌ **suspected**",
     "not-assessed": "➖ not assessed",
@@ -51,7 +51,7 @@ def outcomes_markdown(outcomes: Sequence[ModelOutcome], title: str = "onnx-linf 
     for m in outcomes:
         r = m.report
         rows.append([
-            _BADGES.get(m.outcome, m.outcome), f"`{m.path}`", m.reason,
+            BADGES.get(m.outcome, m.outcome), f"`{m.path}`", m.reason,
             (m.sha256 or "?")[:12],
             "" if r is None else len(r.taps),
             "" if r is None else _flagged(r),
