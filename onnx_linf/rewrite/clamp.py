@@ -1,4 +1,15 @@
-"""The ℓ∞ clamp: ``Min(a, hi)`` (and ``Max(., lo)``) right after each map, per channel or per position."""
+"""The ℓ∞ clamp and the channel-mean bound, inserted right after each map.
+
+Per map ``a`` ``[N, C, H, W]`` (each part optional):
+
+* channel-mean bound: ``mu = GlobalAveragePool(a)`` (``Relu`` first for a signed map),
+  ``s = Min(Max(B, eps) / Max(mu, eps), 1)``, ``a' = a * s^p``: an image whose channel mean exceeds
+  what clean images produce (``B``, per channel) gets that channel scaled down, by more than the
+  excess ratio for ``p > 1``. Where ``mu <= B`` the factor is exactly 1 and ``a * 1 == a``;
+* position clamp: ``Min(a', hi)`` and ``Max(., lo)`` with per-position or per-channel bounds;
+* optionally a per-image anomaly score, the largest over maps of ``log(mu / B)`` and
+  ``log1p(position excess / largest bound)``, clipped at 0, as the graph output ``onnx_linf_score``.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +28,36 @@ from .graph import PREFIX, GraphFacts, Names, check_rewritable, export_graph, im
 log = logging.getLogger(__name__)
 
 
+#: Name of the per-image anomaly score output that ``clamp_maps(score_output=True)`` adds.
+SCORE_OUTPUT = "onnx_linf_score"
+
+
+@dataclass(frozen=True, eq=False)
+class MeanBound:
+    """Channel-mean bound of one map. ``eq=False``: numpy arrays have no single truth value for ``==``."""
+
+    hi: np.ndarray
+    """``[C]`` largest clean per-image spatial mean of each channel (of ``Relu(a)`` when `positive`)."""
+    power: float = 2.0
+    """Exponent p of the scale factor ``min(B / mu, 1)^p``: p = 1 leaves the channel mean at the bound."""
+    eps: float = 1e-6
+    """Floor of both mean and bound (activation units): channels that are dead on clean images are
+    never divided by zero, and means below it are never scaled."""
+    positive: bool = False
+    """Bound the mean of ``Relu(a)`` (for maps that can go negative) instead of the mean of ``a``."""
+
+
 @dataclass(frozen=True, eq=False)
 class ClampBound:
     """Bounds for one tap. ``eq=False``: numpy arrays have no single truth value for ``==``."""
 
-    hi: np.ndarray
-    """Upper bound, float32, shape ``[C,1,1]`` (per channel) or ``[C,H,W]`` (per position)."""
+    hi: np.ndarray | None
+    """Upper bound, float32, shape ``[C,1,1]`` (per channel) or ``[C,H,W]`` (per position); None: no
+    position clamp (a channel-mean bound only)."""
     lo: np.ndarray | None = None
     """Optional lower bound with the same shape as `hi` (``lo <= hi`` everywhere)."""
+    mean: MeanBound | None = None
+    """Optional channel-mean bound, applied before the position clamp."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +71,9 @@ class ClampRecord:
     two_sided: bool
     """True when a lower bound was applied as well."""
     elements: int
-    """Number of bound values per side (``C`` or ``C*H*W``)."""
+    """Number of bound values per side (``C`` or ``C*H*W``; 0 without a position clamp)."""
+    mean_bound: bool = False
+    """True when a channel-mean bound was applied."""
 
 
 def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
@@ -69,24 +104,96 @@ def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
     return cast, granularity
 
 
-def clamp_maps(model: Model, bounds: Mapping[str, ClampBound]) -> tuple[onnx.ModelProto, list[ClampRecord]]:
-    """Insert ``Min(a, hi)`` (and ``Max(., lo)`` when `lo` is given) right after each tap.
+class _Nodes:
+    """Mints the nodes of one rewrite with fresh names and the model's opset conventions."""
 
-    The clamped tensor keeps the tap's name, so every consumer of the tap, and a graph output
-    named after it, reads the clamped value. ``Min`` returns one of its operands unchanged, so on
-    data whose activations never exceed `hi` (e.g. `hi` = the maximum over that data) the model's
-    outputs are bit-for-bit unchanged.
+    def __init__(self, names: Names, opset: int, tap: str, dtype: np.dtype) -> None:
+        self.names, self.opset, self.tap, self.dtype = names, opset, tap, dtype
+        self.nodes: list[gs.Node] = []
+
+    def const(self, what: str, value) -> gs.Constant:
+        return gs.Constant(self.names.fresh(f"{PREFIX}/{what}/{self.tap}"), np.asarray(value, dtype=self.dtype))
+
+    def __call__(self, op: str, inputs: list, what: str, out: gs.Variable | None = None,
+                 dtype: np.dtype | None = None, **attrs) -> gs.Variable:
+        out = out or gs.Variable(self.names.fresh(f"{PREFIX}/clamp/{self.tap}/{what}"), dtype=dtype or self.dtype)
+        self.nodes.append(gs.Node(op, self.names.fresh(f"{PREFIX}/clamp/{self.tap}/{op}"), attrs=attrs,
+                                  inputs=inputs, outputs=[out]))
+        return out
+
+    def reduce_max(self, x: gs.Variable, axes: list[int], what: str) -> gs.Variable:
+        # ReduceMax takes `axes` as an attribute up to opset 17 and as an input from 18 on.
+        if self.opset >= 18:
+            axes_c = gs.Constant(self.names.fresh(f"{PREFIX}/axes/{self.tap}"), np.array(axes, dtype=np.int64))
+            return self(op="ReduceMax", inputs=[x, axes_c], what=what, keepdims=0)
+        return self(op="ReduceMax", inputs=[x], what=what, keepdims=0, axes=axes)
+
+
+def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
+                      out: gs.Variable | None = None) -> tuple[gs.Variable, gs.Variable | None]:
+    """``raw * min(max(B, eps) / max(mu, eps), 1)^p`` and, when asked, the per-image ``relu(log(mu / B))``."""
+    hi = np.asarray(mb.hi, dtype=np.float64).reshape(-1)
+    if hi.shape != (channels,) or not np.isfinite(hi).all() or (hi < 0).any():
+        raise RewriteError(f"channel-mean bound of '{n.tap}' must be {channels} finite values >= 0")
+    if not (mb.eps > 0 and mb.power > 0):
+        raise RewriteError(f"channel-mean bound of '{n.tap}': eps and power must be > 0")
+    source = n("Relu", [raw], "positive") if mb.positive else raw
+    mu = n("GlobalAveragePool", [source], "mean")
+    eps = n.const("mean_eps", mb.eps)
+    num = n.const("mean_hi", np.maximum(hi, mb.eps).reshape(1, channels, 1, 1))
+    ratio = n("Div", [num, n("Max", [mu, eps], "mean_floor")], "mean_ratio")
+    factor = n("Min", [ratio, n.const("one", 1.0)], "mean_factor")
+    scale = factor
+    p = float(mb.power)
+    if p == int(p) and p <= 4:
+        for _ in range(int(p) - 1):
+            scale = n("Mul", [scale, factor], "mean_scale")
+    else:
+        scale = n("Pow", [factor, n.const("mean_power", p)], "mean_scale")
+    scaled = n("Mul", [raw, scale], "mean_scaled", out=out)
+    if not score:
+        return scaled, None
+    # relu(-log(ratio)) = relu(log(max(mu, eps) / max(B, eps))), 0 wherever the mean is in bounds.
+    over = n("Relu", [n("Neg", [n("Log", [ratio], "log_ratio")], "log_excess")], "mean_excess")
+    return scaled, n.reduce_max(n("Flatten", [over], "mean_excess_flat", axis=1), [1], "mean_score")
+
+
+def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | None,
+                    hi_c: gs.Constant, lo_c: gs.Constant | None) -> gs.Variable:
+    """Per image ``log1p(max excess over [lo, hi] / largest |bound|)``: 0 inside the clean range."""
+    excess = n("Relu", [n("Sub", [x, hi_c], "above")], "above_pos")
+    if lo_c is not None:
+        excess = n("Max", [excess, n("Relu", [n("Sub", [lo_c, x], "below")], "below_pos")], "outside")
+    scale = float(max(np.max(np.abs(hi)), 0.0 if lo is None else np.max(np.abs(lo)))) or 1.0
+    worst = n.reduce_max(excess, [1, 2, 3], "pos_excess")
+    rel = n("Mul", [worst, n.const("inv_scale", 1.0 / scale)], "pos_excess_rel")
+    return n("Log", [n("Add", [rel, n.const("one", 1.0)], "pos_excess_1p")], "pos_score")
+
+
+def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *,
+               score_output: bool = False) -> tuple[onnx.ModelProto, list[ClampRecord]]:
+    """Insert the channel-mean bound and ``Min(a, hi)`` (``Max(., lo)`` too) right after each tap.
+
+    The bounded tensor keeps the tap's name, so every consumer of the tap, and a graph output
+    named after it, reads the bounded value. ``Min`` returns one of its operands unchanged and a
+    channel whose mean is within its bound is multiplied by exactly 1, so on data that stays
+    within every bound (e.g. bounds = the maxima over that data) the outputs are bit-for-bit
+    unchanged (up to how ORT fuses around the new nodes, see `verify`).
 
     Args:
         model: the loaded model (its proto is not modified).
-        bounds: tap tensor name -> bounds, float32 ``[C,1,1]`` or ``[C,H,W]``.
+        bounds: tap tensor name -> bounds: position/channel bounds float32 ``[C,1,1]`` or
+            ``[C,H,W]``, and an optional `MeanBound`.
+        score_output: also add the graph output `SCORE_OUTPUT`, float32 ``[N]``: per image the
+            largest, over maps, of ``log(mu / B)`` (channel means) and ``log1p(excess / scale)``
+            (positions), clipped at 0, computed from the same nodes in the same forward pass.
 
     Returns:
         The rewritten model and one `ClampRecord` per tap, in the order of `bounds`.
 
     Raises:
         RewriteError: unknown tensor, bound of the wrong shape or with NaN, ``lo > hi`` somewhere,
-            or an opset older than 8 (no broadcasting Min/Max).
+            a bad channel-mean bound, or an opset older than 8 (no broadcasting Min/Max).
     """
     check_rewritable(model)
     if model.opset and model.opset < 8:
@@ -98,31 +205,67 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound]) -> tuple[onnx.Mod
     tensors = graph.tensors()
     renamed: dict[str, str] = {}
     records: list[ClampRecord] = []
+    scores: list[gs.Variable] = []
+    if score_output and SCORE_OUTPUT in names.taken:
+        raise RewriteError(f"the model already has a tensor named '{SCORE_OUTPUT}'")
     for tap, bound in bounds.items():
         if tap not in facts.producer:
             raise RewriteError(f"unknown tap '{tap}': no node of the main graph produces it")
         dtype = np_dtype(tap, facts)
         shape = facts.shapes.get(tap)
-        hi, granularity = _bound_array(tap, "hi", bound.hi, dtype, shape)
-        lo = None
+        hi = lo = None
+        granularity = "none"
+        if bound.hi is not None:
+            hi, granularity = _bound_array(tap, "hi", bound.hi, dtype, shape)
         if bound.lo is not None:
+            if hi is None:
+                raise RewriteError(f"clamp bounds of '{tap}': a lower bound needs an upper bound")
             lo, _ = _bound_array(tap, "lo", bound.lo, dtype, shape)
             if lo.shape != hi.shape:
                 raise RewriteError(f"clamp bounds of '{tap}' differ in shape: lo {list(lo.shape)}, hi {list(hi.shape)}")
             if (lo > hi).any():
                 raise RewriteError(f"clamp bounds of '{tap}' have lo > hi at {int((lo > hi).sum())} element(s)")
+        if hi is None and bound.mean is None:
+            raise RewriteError(f"clamp bounds of '{tap}': nothing to apply")
+        channels = shape[1] if shape is not None and len(shape) == 4 and shape[1] is not None else (
+            None if hi is None else hi.shape[0])
+        if bound.mean is not None and channels is None:
+            raise RewriteError(f"channel-mean bound of '{tap}': the map's channel count is unknown")
 
-        def build(raw: gs.Variable, out: gs.Variable, tap: str = tap, hi: np.ndarray = hi,
-                  lo: np.ndarray | None = lo) -> list[gs.Node]:
-            hi_c = gs.Constant(names.fresh(f"{PREFIX}/clamp_hi/{tap}"), hi)
-            if lo is None:
-                return [gs.Node("Min", names.fresh(f"{PREFIX}/clamp/{tap}/Min"), inputs=[raw, hi_c], outputs=[out])]
-            mid = gs.Variable(names.fresh(f"{PREFIX}/clamp/{tap}/below_hi"), dtype=out.dtype, shape=out.shape)
-            lo_c = gs.Constant(names.fresh(f"{PREFIX}/clamp_lo/{tap}"), lo)
-            return [gs.Node("Min", names.fresh(f"{PREFIX}/clamp/{tap}/Min"), inputs=[raw, hi_c], outputs=[mid]),
-                    gs.Node("Max", names.fresh(f"{PREFIX}/clamp/{tap}/Max"), inputs=[mid, lo_c], outputs=[out])]
+        def build(raw: gs.Variable, out: gs.Variable, tap: str = tap, hi: np.ndarray | None = hi,
+                  lo: np.ndarray | None = lo, mean: MeanBound | None = bound.mean, dtype: np.dtype = dtype,
+                  channels: int | None = channels) -> list[gs.Node]:
+            n = _Nodes(names, model.opset or 21, tap, dtype)
+            x, parts = raw, []
+            if mean is not None:
+                # Without a position clamp the scaling Mul writes the tap's own tensor.
+                x, mean_score = _mean_bound_nodes(n, raw, mean, channels, score_output,
+                                                  out=out if hi is None else None)
+                if mean_score is not None:
+                    parts.append(mean_score)
+            if hi is not None:
+                hi_c = n.const("clamp_hi", hi)
+                lo_c = None if lo is None else n.const("clamp_lo", lo)
+                if score_output:
+                    parts.append(_position_score(n, x, hi, lo, hi_c, lo_c))
+                if lo is None:
+                    n("Min", [x, hi_c], "min", out=out)
+                else:
+                    n("Max", [n("Min", [x, hi_c], "below_hi"), lo_c], "max", out=out)
+            for part in parts:
+                scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
+                                                                 to=onnx.TensorProto.FLOAT))
+            return n.nodes
 
         renamed[splice_after(graph, tensors[tap], names, build)] = tap
-        records.append(ClampRecord(tap, granularity, lo is not None, int(hi.size)))
-        log.info("clamped %s per %s (%s)", tap, granularity, "two-sided" if lo is not None else "upper")
-    return export_graph(graph, source, renamed), records
+        records.append(ClampRecord(tap, granularity, lo is not None, 0 if hi is None else int(hi.size),
+                                   bound.mean is not None))
+        log.info("clamped %s (%s%s%s)", tap, granularity, ", two-sided" if lo is not None else "",
+                 ", channel means" if bound.mean is not None else "")
+    if score_output:
+        out = gs.Variable(SCORE_OUTPUT, dtype=np.float32, shape=["N"])
+        node = gs.Node("Max", names.fresh(f"{PREFIX}/score/Max"), inputs=list(scores), outputs=[out]) if len(
+            scores) > 1 else gs.Node("Identity", names.fresh(f"{PREFIX}/score/Identity"), inputs=scores, outputs=[out])
+        graph.nodes.append(node)
+        graph.outputs.append(out)
+    return export_graph(graph, source, renamed, extra_outputs=[SCORE_OUTPUT] if score_output else ()), records

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -213,7 +213,8 @@ def splice_after(graph: gs.Graph, tensor: gs.Variable, names: Names,
     return raw.name
 
 
-def export_graph(graph: gs.Graph, source: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
+def export_graph(graph: gs.Graph, source: onnx.ModelProto, renamed: Mapping[str, str],
+                 extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
     """Export and restore what graphsurgeon does not round-trip.
 
     `gs.export_onnx` rebuilds the model with `onnx.helper.make_model`: it drops metadata_props,
@@ -238,8 +239,11 @@ def export_graph(graph: gs.Graph, source: onnx.ModelProto, renamed: Mapping[str,
     g.name, g.doc_string = sg.name, sg.doc_string
     del g.input[:]
     g.input.extend(sg.input)
+    exported = {o.name: o for o in g.output}
     del g.output[:]
     g.output.extend(sg.output)
+    # Outputs a rewrite adds on purpose (the clamp's score) follow the model's own, in order.
+    g.output.extend(exported[name] for name in extra_outputs)
     if hasattr(sg, "metadata_props"):  # GraphProto.metadata_props exists from onnx 1.16 (IR 10)
         del g.metadata_props[:]
         g.metadata_props.extend(sg.metadata_props)

@@ -1,0 +1,115 @@
+"""The channel-mean bound and the score output equal a numpy reference on random maps.
+
+Graph under test (the map is the model input passed through an op, so any values can be fed):
+
+    input [N,C,H,W] --Identity--> a --(channel-mean bound, position clamp)--> a' --Identity--> output
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_linf.errors import RewriteError
+from onnx_linf.measure.session import create_session
+from onnx_linf.model.load import Model, load_model
+from onnx_linf.rewrite.clamp import SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
+
+C, H, W = 4, 5, 6
+
+
+def identity_model(tmp_path, opset: int) -> Model:
+    nodes = [helper.make_node("Identity", ["input"], ["a"], name="make_map"),
+             helper.make_node("Identity", ["a"], ["output"], name="read_map")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", C, H, W])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", C, H, W])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.save(proto, tmp_path / "identity.onnx")
+    return load_model(tmp_path / "identity.onnx")
+
+
+def reference(a, mean_hi, power, eps, positive, hi, lo):
+    """numpy form of the rewrite (float64), and the per-image score."""
+    a = a.astype(np.float64)
+    src = np.maximum(a, 0) if positive else a
+    mu = src.mean(axis=(2, 3), keepdims=True)
+    ratio = np.maximum(mean_hi, eps).reshape(1, -1, 1, 1) / np.maximum(mu, eps)
+    factor = np.minimum(ratio, 1.0)
+    out = a * factor ** power
+    mean_score = np.maximum(-np.log(ratio), 0).reshape(len(a), -1).max(axis=1)
+    excess = np.maximum(out - hi, 0)
+    if lo is not None:
+        excess = np.maximum(excess, np.maximum(lo - out, 0))
+    scale = max(np.abs(hi).max(), 0 if lo is None else np.abs(lo).max())
+    pos_score = np.log1p(excess.reshape(len(a), -1).max(axis=1) / scale)
+    out = np.minimum(out, hi)
+    if lo is not None:
+        out = np.maximum(out, lo)
+    return out, np.maximum(mean_score, pos_score)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 1.5])
+@pytest.mark.parametrize("positive,two_sided", [(False, False), (True, True)])
+def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_sided):
+    rng = np.random.default_rng(int(power * 10) + opset)
+    a = rng.normal(0.5, 1.0, (7, C, H, W)).astype(np.float32)
+    if not positive:
+        a = np.abs(a)
+    a[2, 1] *= 6.0   # one image drives channel 1 far above its clean mean
+    a[3] = 0.0       # an all-zero image: every mean below eps
+    mean_hi = np.array([0.9, 1.0, 0.0, 2.0], np.float32)  # channel 2 "dead on clean images"
+    hi = rng.uniform(1.0, 3.0, (C, H, W)).astype(np.float32)
+    lo = -rng.uniform(0.5, 2.0, (C, H, W)).astype(np.float32) if two_sided else None
+    eps = 1e-3
+    model = identity_model(tmp_path, opset)
+    bound = ClampBound(hi=hi, lo=lo, mean=MeanBound(mean_hi, power=power, eps=eps, positive=positive))
+    proto, records = clamp_maps(model, {"a": bound}, score_output=True)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [o.name for o in proto.graph.output] == ["output", SCORE_OUTPUT]
+    assert records[0].mean_bound and records[0].two_sided == two_sided
+    got, score = create_session(model, proto, "cpu").run(None, a)
+    want, want_score = reference(a, mean_hi, power, eps, positive, hi, lo)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    assert score.shape == (7,) and score.dtype == np.float32
+    np.testing.assert_allclose(score, want_score, rtol=1e-4, atol=1e-6)
+    assert score[2] > 1.0  # the image that drove channel 1 scores high
+
+
+def test_in_bounds_images_are_unchanged_bitwise_and_score_zero(tmp_path):
+    """mu <= B everywhere: the factor is exactly 1, a * 1 == a, and the score is 0 (its floor)."""
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.normal(0, 1, (9, C, H, W))).astype(np.float32)
+    mean_hi = a.mean(axis=(2, 3)).max(axis=0)
+    model = identity_model(tmp_path, 17)
+    proto, _ = clamp_maps(model, {"a": ClampBound(hi=a.max(axis=0), mean=MeanBound(mean_hi * 1.001))},
+                          score_output=True)
+    got, score = create_session(model, proto, "cpu").run(None, a)
+    np.testing.assert_array_equal(got, a)
+    np.testing.assert_array_equal(score, np.zeros(9, np.float32))
+
+
+def test_mean_bound_alone_and_bad_bounds(tmp_path):
+    model = identity_model(tmp_path, 17)
+    a = np.ones((2, C, H, W), np.float32) * np.array([1, 2, 3, 4], np.float32).reshape(1, C, 1, 1)
+    proto, records = clamp_maps(model, {"a": ClampBound(hi=None, mean=MeanBound(np.full(C, 2.0, np.float32),
+                                                                                  power=1.0))})
+    got = create_session(model, proto, "cpu").run(None, a)[0]
+    np.testing.assert_allclose(got[0, :, 0, 0], [1, 2, 2, 2], rtol=1e-6)  # means above 2 pulled to 2
+    assert records[0].granularity == "none" and records[0].elements == 0
+    with pytest.raises(RewriteError, match="finite values"):
+        clamp_maps(model, {"a": ClampBound(hi=None, mean=MeanBound(np.full(C, np.nan, np.float32)))})
+    with pytest.raises(RewriteError, match="nothing to apply"):
+        clamp_maps(model, {"a": ClampBound(hi=None)})
+    with pytest.raises(RewriteError, match="power must be > 0|eps and power"):
+        clamp_maps(model, {"a": ClampBound(hi=None, mean=MeanBound(np.ones(C, np.float32), power=0))})
+
+
+def test_input_model_untouched(tmp_path):
+    model = identity_model(tmp_path, 17)
+    before = model.proto.SerializeToString()
+    clamp_maps(model, {"a": ClampBound(hi=np.ones((C, 1, 1), np.float32), mean=MeanBound(np.ones(C, np.float32)))},
+               score_output=True)
+    assert model.proto.SerializeToString() == before
