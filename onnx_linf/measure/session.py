@@ -80,7 +80,13 @@ class Session:
         if fb is None or fb == n:
             return self._run(outputs, tensor)
         if n > fb:
-            raise UsageError(f"the model takes batches of exactly {fb}; got {n}")
+            # Verification and agreement inputs come in the command's batch size: run a fixed-batch
+            # model (model-zoo graphs fix 1) on consecutive slices. Extremes over the batch axis
+            # cannot be concatenated, and a staged device tensor cannot be sliced here.
+            if batch_level or isinstance(tensor, ort.OrtValue):
+                raise UsageError(f"the model takes batches of exactly {fb}; got {n}")
+            parts = [self.run(outputs, tensor[i:i + fb]) for i in range(0, n, fb)]
+            return [np.concatenate(chunk) for chunk in zip(*parts, strict=True)]
         padded = np.concatenate([tensor, np.repeat(tensor[:1], fb - n, axis=0)])
         names = list(outputs) if outputs is not None else [o.name for o in self.inner.get_outputs()]
         skip = set(batch_level)

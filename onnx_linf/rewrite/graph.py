@@ -268,4 +268,27 @@ def export_graph(graph: gs.Graph, source: onnx.ModelProto, renamed: Mapping[str,
         del restored.output[:]
         restored.output.extend(node.output)
         node.CopyFrom(restored)
+    list_initializers_as_inputs(out, source)
     return out
+
+
+def list_initializers_as_inputs(proto: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Keep graph inputs and initializers consistent after an edit.
+
+    Below IR version 4 every initializer must also be a graph input (the checker's "... in
+    initializer but not in graph input"; model-zoo graphs are IR 3): the ones a rewrite added are
+    listed after the original inputs, so the image input stays first. An initializer of the source
+    that a copy-on-write edit orphaned (and the export dropped) is unlisted too: left as an input it
+    would become a runtime input with no value.
+    """
+    was = {i.name for i in source.graph.initializer}
+    have = {i.name for i in proto.graph.initializer}
+    kept = [vi for vi in proto.graph.input if vi.name not in was or vi.name in have]
+    if len(kept) != len(proto.graph.input):
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+    if proto.ir_version >= 4:
+        return
+    listed = {vi.name for vi in proto.graph.input}
+    proto.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in proto.graph.initializer if i.name not in listed)

@@ -84,4 +84,8 @@ def mask_reference(model: Model, channels: Mapping[str, Sequence[int]]) -> onnx.
         graph.initializer.append(numpy_helper.from_array(mask, mask_name))
         graph.node.insert(producer + 1, helper.make_node("Mul", [raw, mask_name], [name],
                                                          name=new_name(f"reference_mul/{name}")))
+    if proto.ir_version < 4:  # IR < 4: every initializer is a graph input too (model-zoo graphs)
+        listed = {vi.name for vi in graph.input}
+        graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                           for i in graph.initializer if i.name not in listed)
     return proto
