@@ -9,18 +9,20 @@ import typer
 
 from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.gate import judge
-from onnx_linf.commands.options import ScanConfig
 from onnx_linf.commands.scan import scan
-from onnx_linf.errors import UsageError
+from onnx_linf.commands.settings import effective, load_settings, record_settings, scan_options, settings_record
+from onnx_linf.model.triton import read_triton
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
 from .outputs import HtmlOut, SarifOut, SummaryOut, check_html, check_targets, write_html, write_sarif, write_summary
 from .render import flagged_lines, model_summary, print_notes, synthesis_table, taps_table
+from .scan_many import ConfigOpt, given_settings, scan_folder
 
 
 def scan_command(
+    ctx: typer.Context,
     model: o.ModelArg,
     calib: o.CalibOpt,
     layers: o.Layers = "all",
@@ -55,9 +57,18 @@ def scan_command(
     sarif: SarifOut = None,
     summary: SummaryOut = None,
     html_out: HtmlOut = None,
+    config_file: ConfigOpt = None,
+    skip_unscannable: Annotated[bool, typer.Option("--skip-unscannable", help="Folder scans: models that could "
+                                                   "not be scanned do not fail the run (they are still "
+                                                   "reported).")] = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of every conv activation map on calibration images.
+
+    MODEL may be a folder or a Triton model repository: every *.onnx file in it is scanned, one row
+    each, and the exit code is the worst; a model that could not be scanned fails the run (exit 2)
+    unless --skip-unscannable. Settings come from --config, or onnx-linf.toml / pyproject.toml
+    [tool.onnx-linf] found upward from the working directory; options given here win.
 
     For a CI gate: --synthesize --fail-on-suspect searches a minimal trigger per class with forward
     passes only and exits 1 when one class is reached by an anomalously small trigger.
@@ -69,23 +80,22 @@ def scan_command(
     with user_errors():
         check_targets(sarif, summary, html_out)
         check_html(html_out)
-        config = ScanConfig(
-            layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold, score=score,
-            stats=tuple(s.strip() for s in stats.split(",") if s.strip()), batch_size=parse_batch(batch_size),
-            provider=provider, limit=limit,
-            preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
-        )
-        if fail_on_suspect and not synthesize:
-            raise UsageError("--fail-on-suspect needs a verdict: add --synthesize")
+        settings = load_settings(config_file)
+        cli, defaults = given_settings(ctx, locals())
         evidence = None
-        if synthesize:
-            evidence = Evidence(synthesize=o.synth_config(classes, seed, max_queries, time_limit))
         if trigger is not None or suspect is not None or mask is not None:
-            if synthesize:
-                raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
-        report = scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet))
-        outcome = judge(report, fail_on_suspect=fail_on_suspect)
+        if model.is_dir():
+            scan_folder(model, calib, settings, cli, defaults, evidence, skip_unscannable, json_out, sarif,
+                        summary, html_out, quiet)
+        triton = read_triton(model)
+        values = effective(settings, model, cli, defaults, None if triton is None else triton.size())
+        config, evidence, fail_on_suspect = scan_options(values, evidence)
+        report = record_settings(scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet)),
+                                 values, settings)
+        outcome = judge(report, allowlist=settings.allowlist, fail_on_suspect=fail_on_suspect,
+                        settings=None if settings.path is None else settings_record(values),
+                        triton=None if triton is None else triton.to_dict())
         write_json(json_out, report.to_json())
         write_sarif(sarif, [outcome])
         write_summary(summary, outcome)
@@ -111,15 +121,3 @@ def _next_steps(model: Path, calib: Path, evidence: bool) -> None:
     else:
         console.print(f"  prune these channels:     onnx-linf prune {model} --calib {calib} --from-report REPORT.json "
                       "-o clean.onnx")
-
-
-
-
-def parse_batch(value: str) -> int | str:
-    """'auto' or a positive integer."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"--batch-size takes a positive integer or 'auto', got {value!r}") from None

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from onnx_linf import Evidence, ScanConfig, scan
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+#: The official SARIF 2.1.0 JSON schema (OASIS sarif-spec, Schemata/sarif-schema-2.1.0.json: see its $id),
+#: vendored byte for byte as SchemaStore distributes it ("sarif-2.1.0"); no maintained Python package ships it.
+SARIF_SCHEMA = Path(__file__).resolve().parent / "schemas" / "sarif-schema-2.1.0.json"
 CALIB = FIXTURES / "digits_calib"
 
 
@@ -36,3 +41,9 @@ def suspect_scan(folder: str):
     suspects = stamped_pixels(Path(folder) / "suspects.npy")
     return scan(FIXTURES / "digits_badnets.onnx", CALIB, ScanConfig(limit=32, provider="cpu"),
                 evidence=Evidence(suspect=suspects))
+
+
+def validate(log: dict) -> None:
+    """Validate a SARIF log against the official 2.1.0 schema (jsonschema is a dev dependency)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft7Validator(json.loads(SARIF_SCHEMA.read_text())).validate(json.loads(json.dumps(log)))

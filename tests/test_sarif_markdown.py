@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from onnx_linf.cli.app import app
@@ -17,18 +15,9 @@ from onnx_linf.report.markdown import markdown_summary, outcomes_markdown
 from onnx_linf.report.sarif import RULES, sarif_log
 
 import reports
+from reports import validate
 
-jsonschema = pytest.importorskip("jsonschema")
-
-#: The official SARIF 2.1.0 JSON schema (OASIS sarif-spec, Schemata/sarif-schema-2.1.0.json, $id inside the
-#: file), vendored byte for byte as SchemaStore distributes it ("sarif-2.1.0"); no maintained Python package
-#: ships it.
-SCHEMA = json.loads((Path(__file__).parent / "schemas" / "sarif-schema-2.1.0.json").read_text())
 TODAY = dt.date(2026, 6, 1)
-
-
-def validate(log: dict) -> None:
-    jsonschema.Draft7Validator(SCHEMA).validate(json.loads(json.dumps(log)))
 
 
 def suspected(report):

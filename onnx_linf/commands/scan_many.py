@@ -1,0 +1,71 @@
+"""``scan`` over a folder or a Triton model repository: the single-model scan in a loop, fail closed.
+
+Every ``*.onnx`` file found is scanned with its own effective settings (configuration file,
+per-model overrides, the Triton ``config.pbtxt`` input size, command line). A model the scan stops
+on is recorded as unscannable with the reason, never as clean.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+
+from ..errors import LinfError
+from ..measure.calibrate import Progress
+from ..model.triton import find_models, read_triton
+from ..report.many import ModelOutcome, ScanManyReport, worst_exit_code
+from .evidence import Evidence
+from .gate import judge, unscannable
+from .scan import scan
+from .settings import Settings, effective, record_settings, scan_options, settings_record
+
+log = logging.getLogger(__name__)
+
+
+def scan_many(root: str | os.PathLike, calib: str | os.PathLike, *, settings: Settings | None = None,
+              cli: dict | None = None, defaults: dict | None = None, evidence: Evidence | None = None,
+              skip_unscannable: bool = False, today: dt.date | None = None,
+              progress: Progress | None = None, on_model=None) -> ScanManyReport:
+    """Scan every model file under `root`.
+
+    Args:
+        root: a folder of ``*.onnx`` files (recursive) or a Triton model repository.
+        calib: clean calibration data, shared by every model.
+        settings: the configuration file (`settings.load_settings`).
+        cli: settings given on the command line (they win over the file).
+        defaults: the command's defaults.
+        evidence: trigger or suspect images for every model (synthesis comes from the settings).
+        skip_unscannable: models that could not be scanned do not set the exit code (still reported).
+        today: the date allowlist expiry is checked against.
+        progress: progress sink of each scan.
+        on_model: called with each `ModelOutcome` as soon as it is known.
+
+    Raises:
+        ModelLoadError: `root` is not a folder.
+    """
+    settings = settings or Settings()
+    layout, files = find_models(root)
+    outcomes: list[ModelOutcome] = []
+    for path in files:
+        values, triton = None, None
+        try:
+            info = read_triton(path)
+            triton = None if info is None else info.to_dict()
+            values = effective(settings, path, cli or {}, defaults or {}, None if info is None else info.size())
+            config, ev, gate = scan_options(values, evidence)
+            report = scan(path, calib, config, evidence=ev, progress=progress)
+            report = record_settings(report, values, settings)
+            outcome = judge(report, path=path, allowlist=settings.allowlist, fail_on_suspect=gate, today=today,
+                            settings=settings_record(values), triton=triton)
+        except LinfError as exc:
+            log.info("%s could not be scanned: %s", path, exc)
+            outcome = unscannable(path, exc, settings=None if values is None else settings_record(values),
+                                  triton=triton)
+        outcomes.append(outcome)
+        if on_model is not None:
+            on_model(outcome)
+    return ScanManyReport(root=str(root), layout=layout, models=outcomes, skip_unscannable=skip_unscannable,
+                          exit_code=worst_exit_code(outcomes, skip_unscannable),
+                          config=None if settings.path is None else str(settings.path))
+
