@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from onnx_linf.commands.clamp import ClampConfig, clamp
+from onnx_linf.commands.common import MIN_AGREEMENT
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.accuracy import before_after, open_labelled
 from onnx_linf.measure.preprocess import Trigger
@@ -40,6 +41,7 @@ def clamp_command(
     trigger: o.Trigger = None,
     mask: o.Mask = None,
     target: Target = None,
+    min_agreement: o.MinAgreement = MIN_AGREEMENT,
     batch_size: o.BatchSize = 32,
     provider: o.Provider = "auto",
     limit: o.Limit = None,
@@ -66,7 +68,8 @@ def clamp_command(
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
         config = ClampConfig(layers=o.parse_layers(layers), granularity=granularity, quantile=quantile,
-                             margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp)
+                             margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
+                             min_agreement=min_agreement)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report

@@ -39,6 +39,9 @@ Trigger = Annotated[Optional[Path], typer.Option("--trigger", help="Trigger imag
                                                  "size, stamped as x' = (1-m)x + m t.")]
 Mask = Annotated[Optional[Path], typer.Option("--mask", help="Trigger mask image: white = trigger, grey = "
                                               "blend, black = image.")]
+MinAgreement = Annotated[float, typer.Option("--min-agreement", help="Write nothing (exit 1) when fewer than "
+                                             "this fraction of the verification images keep their top-1 "
+                                             "class after the rewrite (0 turns the gate off).")]
 Suspect = Annotated[Optional[Path], typer.Option("--suspect", help="Real suspicious (triggered) images: folder "
                                                  "or .npy/.npz.")]
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from onnx_linf.commands.common import MIN_AGREEMENT
 from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.options import ScanConfig
 from onnx_linf.commands.prune import PruneConfig, prune
@@ -62,6 +63,7 @@ def prune_command(
                                                    "the calibration data, if labelled).")] = None,
     eval_data: EvalData = None,
     target: Target = None,
+    min_agreement: o.MinAgreement = MIN_AGREEMENT,
     batch_size: o.BatchSize = 32,
     provider: o.Provider = "auto",
     limit: o.Limit = None,
@@ -80,7 +82,8 @@ def prune_command(
     images), --from-report, or --synthesize (the default when none is given: a trigger is searched
     per class with forward passes only, and the most anomalous one is used). The pruned model is
     checked (onnx.checker, ONNX Runtime, outputs equal to the original with those channels masked)
-    before it is written; a failed check writes nothing and exits 1.
+    before it is written, and the top-1 class of the verification images must mostly stay the same
+    (--min-agreement); a failed check writes nothing and exits 1.
     """
     with user_errors():
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
@@ -88,7 +91,7 @@ def prune_command(
             scan=ScanConfig(layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold,
                             score=score, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp),
             evidence=evidence_mode, fold=fold, max_acc_drop=max_acc_drop, labels=labels, target=target,
-            synthesize=o.synth_config(classes, seed, max_queries, time_limit),
+            synthesize=o.synth_config(classes, seed, max_queries, time_limit), min_agreement=min_agreement,
         )
         evidence = None
         if synthesize:
@@ -124,6 +127,7 @@ def prune_command(
         console.print(surgery_table(report.extra["surgery"], report.policy["score"]))
         v = report.extra["verification"]
         console.print(f"[bold]verified[/] {', '.join(f'{k}: {val}' for k, val in v['checks'].items())}")
+        console.print(f"calibration predictions unchanged: {100 * report.extra['calibration_agreement']:.1f}%")
         if eval_data is not None:
             console.print(evaluation_table([("original", ev["before"]), ("pruned", ev["after"])]))
         console.print(f"[bold green]wrote[/] {output}")

@@ -22,7 +22,8 @@ from ..report.visuals import Visuals
 from ..rewrite.clamp import ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
-from .common import load_with_weights, open_calibration, top1_agreement, verify_inputs
+from .common import (MIN_AGREEMENT, lift_for_clamp, load_with_weights, open_calibration, require_agreement,
+                     verify_inputs)
 from .options import PreprocessOptions
 
 
@@ -48,6 +49,8 @@ class ClampConfig:
     """Preprocessing overrides."""
     verify_images: int = 256
     """Calibration images the verification runs on."""
+    min_agreement: float = MIN_AGREEMENT
+    """Refuse to write when fewer verification images keep their top-1 class (`common.MIN_AGREEMENT`)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     stats = probe.measure(source, preprocess, config.batch_size, progress=progress)
     bounds = [map_bound(tap, stats[tap.name], granularity[tap.name], config.margin) for tap in taps]
 
-    editable = load_with_weights(model)
+    editable = lift_for_clamp(load_with_weights(model), notes)
     proto, records = clamp_maps(editable, {b.tap: ClampBound(hi=b.hi, lo=b.lo) for b in bounds})
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0
@@ -118,7 +121,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                           provider=config.provider, exact=False) if identity else None
     if result is not None:
         require_ok(result)
-    agreement = top1_agreement(editable, proto, inputs, config.provider)
+    agreement = require_agreement(editable, proto, inputs, config.provider, config.min_agreement, "clamp")
     if output is not None:
         save_model(proto, output, external_data=model.has_external_data)
     report = ClampReport(

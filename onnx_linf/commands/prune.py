@@ -25,7 +25,8 @@ from ..rewrite.graph import check_rewritable
 from ..rewrite.reference import mask_reference
 from ..rewrite.verify import require_ok, verify_model
 from ..rewrite.zero import zero_channels
-from .common import calibration_section, load_with_weights, open_calibration, policy_section, verify_inputs
+from .common import (MIN_AGREEMENT, calibration_section, load_with_weights, open_calibration, policy_section,
+                     require_agreement, verify_inputs)
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .options import ScanConfig
 from .ratio import RESIDUAL_ASR, SweepResult, sweep
@@ -57,6 +58,8 @@ class PruneConfig:
     """Labelled data for the automatic ratio (default: the calibration data, if labelled)."""
     target: int | None = None
     """Attack target for the automatic ratio's ASR (default: inferred from stamped predictions)."""
+    min_agreement: float = MIN_AGREEMENT
+    """Refuse to write when fewer verification images keep their top-1 class (`common.MIN_AGREEMENT`)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
 
     Raises:
         UsageError: no evidence (unless ``config.evidence == "none"``), or a bad output path.
-        VerificationError: the pruned model differs from the masked reference; nothing is written.
+        VerificationError: the pruned model differs from the masked reference, or changes the top-1
+            class of more verification images than `PruneConfig.min_agreement` allows; nothing is written.
     """
 
     config = config or PruneConfig()
@@ -175,6 +179,9 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     result = verify_model(editable, pruned, reference, inputs, atol=config.atol, rtol=config.rtol,
                           provider=scan_cfg.provider)
     require_ok(result)
+    # The verification compares against the equally masked reference, so it cannot see a prune that
+    # destroys the classifier (a pooled vector taken for a map): the agreement gate can.
+    agreement = require_agreement(editable, pruned, inputs, scan_cfg.provider, config.min_agreement, "prune")
     if output is not None:
         save_model(pruned, output, external_data=model.has_external_data)
         log.info("wrote %s", output)
@@ -194,6 +201,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         extra={
             "surgery": [dataclasses.asdict(r) for r in records],
             "verification": dataclasses.asdict(result),
+            "calibration_agreement": agreement,
             "output": None if output is None else str(output),
             "sweep": None if swept is None else swept.to_dict(),
             "synthesis": None if evidence is None or evidence.synthesis is None else evidence.synthesis.to_dict(),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ import onnxruntime as ort
 from ..errors import RuntimeSessionError, UsageError
 from ..model.load import Model
 from .instrument import Instrumented
+
+log = logging.getLogger(__name__)
 
 #: Set after the first `auto` session: False once CUDA failed to initialise, so later sessions do
 #: not pay for (and log) the failed attempt again.
@@ -98,8 +102,7 @@ class Session:
                 return self._run_bound(outputs, tensor)
             return self.inner.run(list(outputs) if outputs is not None else None, {self.input_name: tensor})
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument...)
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeSessionError(f"ONNX Runtime failed to run the model: {msg}") from None
+            raise RuntimeSessionError(f"ONNX Runtime failed to run the model: {ort_message(exc)}") from None
 
     def _run_bound(self, outputs: Sequence[str] | None, tensor: np.ndarray | ort.OrtValue) -> list[np.ndarray]:
         binding = self.inner.io_binding()
@@ -164,6 +167,7 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
         payload = proto.serialize() if isinstance(proto, Instrumented) else (proto or model.proto).SerializeToString()
     except ValueError as exc:  # protobuf refuses messages over 2 GB
         raise RuntimeSessionError(f"model too large to hand to ONNX Runtime in memory: {exc}") from None
+    payload = _fit_ir_version(payload, model)
     if provider == "auto" and wanted:
         # A CUDA build of ORT without a usable GPU logs errors through the *default* logger when
         # the CUDA provider fails to load; `auto` is meant to fall back quietly, and the session
@@ -173,8 +177,7 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
         inner = ort.InferenceSession(payload, sess_options=options,
                                      providers=wanted + [PROVIDERS["cpu"]])
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeSessionError(f"ONNX Runtime could not load the model: {msg}") from None
+        raise RuntimeSessionError(f"ONNX Runtime could not load the model: {ort_message(exc)}") from None
     finally:
         if provider == "auto" and wanted:
             ort.set_default_logger_severity(2)
@@ -190,6 +193,102 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
     return Session(inner=inner, provider=used, input_name=model.input.name,
                    fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
                    input_dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(model.input.elem_type)))
+
+
+def ort_message(exc: BaseException, limit: int = 200) -> str:
+    """ORT's error as one short line: its first line, without the ``[ONNXRuntimeError] : 1 : FAIL :``
+    prefix and the C++ source location (``model.cc:256 Model(...)``) it puts in front of the reason."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    line = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", line)
+    # "Load model from ... failed:/onnxruntime_src/.../model.cc:256 onnxruntime::Model::Model(...) reason"
+    line = re.sub(r"\S*/[\w./-]+\.(?:cc|h|cpp):\d+\s+(?:[\w:~<>]+\([^)]*\)\s*)?", "", line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+#: Highest model IR version the installed ONNX Runtime loads (probed once; ORT has no API for it).
+_ort_max_ir: int | None = None
+
+
+def ort_max_ir_version() -> int:
+    """Highest model IR version the installed ONNX Runtime loads, probed with a 1-node model."""
+    global _ort_max_ir
+    if _ort_max_ir is None:
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        _ort_max_ir = 3
+        for ir in range(onnx.IR_VERSION + 2, 3, -1):
+            probe = onnx.helper.make_model(graph, ir_version=ir, opset_imports=[onnx.helper.make_opsetid("", 13)])
+            try:
+                ort.InferenceSession(probe.SerializeToString(), sess_options=options, providers=[PROVIDERS["cpu"]])
+            except Exception:  # "Unsupported model IR version": try the next lower one
+                continue
+            _ort_max_ir = ir
+            break
+    return _ort_max_ir
+
+
+def _fit_ir_version(payload: bytes, model: Model) -> bytes:
+    """The bytes to hand to ORT: an in-memory copy with a lower IR version when the model's is newer
+    than the installed ORT loads and its opsets allow it (the IR version only says which format
+    features the file may use; `onnx.helper.find_min_ir_version_for` gives the lowest one its opset
+    imports need). Rewritten models keep the original IR version: only this copy is lowered.
+
+    Raises:
+        RuntimeSessionError: the opsets need an IR version this ORT does not load, or the lowered
+            copy fails the ONNX checker (it uses a format feature newer than the lowered version).
+    """
+    have, top = model.proto.ir_version, ort_max_ir_version()
+    if have <= top:
+        return payload
+    hint = "upgrade onnxruntime (pip install -U onnxruntime-gpu, or onnxruntime)"
+    need = onnx.helper.find_min_ir_version_for(list(model.proto.opset_import), ignore_unknown=True)
+    if need > top:
+        raise RuntimeSessionError(
+            f"the model has IR version {have} and its opsets need IR >= {need}; the installed ONNX Runtime "
+            f"{ort.__version__} loads IR <= {top}", hint=hint)
+    lowered = max(need, 3)
+    reason = _lowering_problem(model, lowered)
+    if reason is not None:
+        raise RuntimeSessionError(
+            f"the model has IR version {have}, the installed ONNX Runtime {ort.__version__} loads IR <= {top}, "
+            f"and lowering it to IR {lowered} is not valid: {reason}", hint=hint)
+    copy = onnx.ModelProto()
+    copy.ParseFromString(payload)
+    copy.ir_version = lowered
+    log.info("running an in-memory copy with IR version %d (the model has %d; ONNX Runtime %s loads <= %d)",
+             copy.ir_version, have, ort.__version__, top)
+    return copy.SerializeToString()
+
+
+#: (model sha256, IR version) -> why the model cannot be lowered to it (None: it can).
+_lowering: dict[tuple[str, int], str | None] = {}
+
+
+def _lowering_problem(model: Model, ir: int) -> str | None:
+    """Why the model is not valid at IR version `ir`, or None.
+
+    Lowering is sound only if the file uses no format feature newer than that version (4-bit and
+    8-bit float types, function overloads ...); the checker knows which belongs to which IR. The
+    model itself is checked, once: instrumented and rewritten copies only add float32/float16 ops.
+    Models with external data (and over 2 GB) are not checked in memory.
+    """
+    key = (model.sha256, ir)
+    if key not in _lowering:
+        problem = None
+        if not model.has_external_data and model.proto.ByteSize() < 2**31 - 1:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model.proto)
+            copy.ir_version = ir
+            try:
+                onnx.checker.check_model(copy)
+            except onnx.checker.ValidationError as exc:
+                problem = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        _lowering[key] = problem
+    return _lowering[key]
 
 
 def _release_model_bytes(inner: ort.InferenceSession) -> None:

@@ -67,6 +67,9 @@ class Model:
     """Version of the default ("" / ai.onnx) operator set."""
     has_external_data: bool
     """True when some initializers live in external files next to the model."""
+    lifted_from: int | None = None
+    """Default-domain opset of the file when `proto` is a copy lifted to `opset` by
+    onnx.version_converter (clamp lifts opset 7 to 8); None for the model as read."""
 
     @property
     def base_dir(self) -> Path:

@@ -55,6 +55,11 @@ LOOK_THROUGH = CHANNEL_PRESERVING_POOL | {"GlobalAveragePool", "GlobalMaxPool", 
 HEAD_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "Flatten", "ReduceMean", "ReduceMax",
                       "Reshape", "Gemm", "MatMul"})
 
+#: Layout and pooling ops that TensorFlow and Keras exports put between the last conv map and the
+#: head: tf2onnx runs the conv stack in NCHW between Transposes, so the head sees the map as NHWC,
+#: pooled, transposed back, reshaped or cast.
+LAYOUT_THROUGH = LOOK_THROUGH | {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast"}
+
 
 @dataclass(frozen=True)
 class Tap:
@@ -271,14 +276,26 @@ def _is_residual_add(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return all(index.rank(i) in (4, None) for i in node.input) and index.rank(node.output[0]) == 4
 
 
+def _live_tensors(index: GraphIndex) -> set[str]:
+    """Tensors that depend on the image input (activations, as opposed to computed weights)."""
+    live = {vi.name for vi in index.proto.graph.input if vi.name not in index.initializers}
+    for node in index.nodes:  # topological order: one forward pass
+        if any(i in live for i in node.input):
+            live.update(node.output)
+    return live
+
+
 def _find_head_map(index: GraphIndex) -> str | None:
-    """The 4-D tensor consumed by the classifier head closest to the graph output."""
+    """The 4-D activation consumed by the classifier head closest to the graph output."""
     best: tuple[int, str] | None = None
+    # Only activations: a weight that nodes compute is 4-D and can feed a head op too (the model
+    # zoo's Inception v1 reshapes a ConstantOfShape into its classifier weight).
+    live = _live_tensors(index)
     for i, node in enumerate(index.nodes):
         if node.op_type not in HEAD_OPS or not node.input:
             continue
         tensor = node.input[0]
-        if index.rank(tensor) != 4:
+        if index.rank(tensor) != 4 or tensor not in live:
             continue
         if best is None or i > best[0]:
             best = (i, tensor)
@@ -329,14 +346,22 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
         raise NoTapsError(f"no convolutional activation map found in {model.path.name}: nothing to scan")
 
     head = _find_head_map(index)
-    if head is not None:
-        if head in found:
-            old = found[head]
-            found[head] = dataclasses.replace(old, is_last=True)
-        else:
-            tap = _tap_for_tensor(index, head, kind="head")
-            if tap is not None:
-                found[head] = dataclasses.replace(tap, is_last=True)
+    if head is not None and head not in found:
+        head = _through_layout_ops(index, head, found) or head
+        if head not in found and _pooled_or_relaid(index, head):
+            log.info("the head reads '%s', a pooled or re-laid-out tensor, not a map: the last map is the "
+                     "deepest conv map", head)
+            head = None
+    if head is None:
+        # No recognisable head (a fully convolutional classifier, or one seen only through layout
+        # ops that lead to no map): the deepest map.
+        head = max(found.values(), key=lambda t: _position(index, t.name)).name
+    if head in found:
+        found[head] = dataclasses.replace(found[head], is_last=True)
+    else:
+        tap = _tap_for_tensor(index, head, kind="head")
+        if tap is not None:
+            found[head] = dataclasses.replace(tap, is_last=True)
     merges = {t.source for t in found.values() if t.kind == "merge"}
     for name, tap in found.items():
         users = index.consumers.get(name, [])
@@ -369,6 +394,27 @@ def find_taps(model: Model, layers: str | Sequence[str] = "all") -> list[Tap]:
             )
         selected.append(tap)
     return selected
+
+
+def _through_layout_ops(index: GraphIndex, tensor: str, found: dict[str, Tap]) -> str | None:
+    """Walk back from a head tensor through Transpose/Reshape/Cast/pooling to a found map, or None."""
+    seen: set[str] = set()
+    while tensor not in found and tensor in index.producer and tensor not in seen:
+        seen.add(tensor)
+        node = index.producer[tensor]
+        if node.op_type not in LAYOUT_THROUGH or not node.input:
+            return None
+        tensor = node.input[0]
+    return tensor if tensor in found else None
+
+
+def _pooled_or_relaid(index: GraphIndex, tensor: str) -> bool:
+    """True for a tensor that is never a map: pooled (1x1 spatial, or 1 channel) or produced by a
+    layout op (an NHWC view after a Transpose, a Reshape), whose axis 1 is not channels."""
+    shape = index.shapes.get(tensor)
+    producer = index.producer.get(tensor)
+    pooled = shape is not None and len(shape) == 4 and ((shape[2] == 1 and shape[3] == 1) or shape[1] == 1)
+    return pooled or (producer is not None and producer.op_type in LAYOUT_THROUGH - LOOK_THROUGH)
 
 
 def _position(index: GraphIndex, tensor: str) -> int:
