@@ -20,10 +20,13 @@ from .outputs import HtmlOut, SarifOut, SummaryOut, check_html, check_targets, w
 from .render import flagged_lines, model_summary, print_notes, synthesis_table, taps_table
 from .scan_many import ConfigOpt, given_settings, scan_folder
 
+ModelsArg = Annotated[list[Path], typer.Argument(help="ONNX model file, or folders / several files (each "
+                                                 "*.onnx scanned, one row each).", show_default=False)]
+
 
 def scan_command(
     ctx: typer.Context,
-    model: o.ModelArg,
+    models: ModelsArg,
     calib: o.CalibOpt,
     layers: o.Layers = "all",
     ratio: Annotated[float, typer.Option(help="Fraction of channels per map to flag (ratio policy).")] = 0.1,
@@ -85,9 +88,10 @@ def scan_command(
         evidence = None
         if trigger is not None or suspect is not None or mask is not None:
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
-        if model.is_dir():
-            scan_folder(model, calib, settings, cli, defaults, evidence, skip_unscannable, json_out, sarif,
-                        summary, html_out, quiet)
+        model = models[0]
+        if len(models) > 1 or model.is_dir():
+            scan_folder(models[0] if len(models) == 1 else models, calib, settings, cli, defaults, evidence,
+                        skip_unscannable, json_out, sarif, summary, html_out, quiet)
         triton = read_triton(model)
         values = effective(settings, model, cli, defaults, None if triton is None else triton.size())
         config, evidence, fail_on_suspect = scan_options(values, evidence)

@@ -54,9 +54,9 @@ def outcomes_table(report: ScanManyReport) -> Table:
     return table
 
 
-def scan_folder(root: Path, calib: Path, settings: Settings, cli: dict, defaults: dict, evidence: Evidence | None,
-                skip_unscannable: bool, json_out: str | None, sarif: Path | None, summary: Path | None,
-                html_out: Path | None, quiet: bool) -> None:
+def scan_folder(root: Path | list[Path], calib: Path, settings: Settings, cli: dict, defaults: dict,
+                evidence: Evidence | None, skip_unscannable: bool, json_out: str | None, sarif: Path | None,
+                summary: Path | None, html_out: Path | None, quiet: bool) -> None:
     """Scan every model under `root`, write the requested files, print the table, exit with the worst code."""
     def started(m: ModelOutcome) -> None:
         if not quiet:

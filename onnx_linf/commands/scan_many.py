@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import LinfError
 from ..measure.calibrate import Progress
@@ -23,14 +25,16 @@ from .settings import Settings, effective, record_settings, scan_options, settin
 log = logging.getLogger(__name__)
 
 
-def scan_many(root: str | os.PathLike, calib: str | os.PathLike, *, settings: Settings | None = None,
-              cli: dict | None = None, defaults: dict | None = None, evidence: Evidence | None = None,
+def scan_many(root: str | os.PathLike | Sequence[str | os.PathLike], calib: str | os.PathLike, *,
+              settings: Settings | None = None, cli: dict | None = None, defaults: dict | None = None,
+              evidence: Evidence | None = None,
               skip_unscannable: bool = False, today: dt.date | None = None,
               progress: Progress | None = None, on_model=None) -> ScanManyReport:
     """Scan every model file under `root`.
 
     Args:
-        root: a folder of ``*.onnx`` files (recursive) or a Triton model repository.
+        root: a folder of ``*.onnx`` files (recursive) or a Triton model repository, or a list of model
+            files and folders (as a pre-commit hook gets the staged files).
         calib: clean calibration data, shared by every model.
         settings: the configuration file (`settings.load_settings`).
         cli: settings given on the command line (they win over the file).
@@ -45,7 +49,7 @@ def scan_many(root: str | os.PathLike, calib: str | os.PathLike, *, settings: Se
         ModelLoadError: `root` is not a folder.
     """
     settings = settings or Settings()
-    layout, files = find_models(root)
+    layout, files = collect(root)
     outcomes: list[ModelOutcome] = []
     for path in files:
         values, triton = None, None
@@ -65,7 +69,23 @@ def scan_many(root: str | os.PathLike, calib: str | os.PathLike, *, settings: Se
         outcomes.append(outcome)
         if on_model is not None:
             on_model(outcome)
-    return ScanManyReport(root=str(root), layout=layout, models=outcomes, skip_unscannable=skip_unscannable,
+    shown = str(root) if isinstance(root, (str, os.PathLike)) else " ".join(map(str, root))
+    return ScanManyReport(root=shown, layout=layout, models=outcomes, skip_unscannable=skip_unscannable,
                           exit_code=worst_exit_code(outcomes, skip_unscannable),
                           config=None if settings.path is None else str(settings.path))
 
+
+
+def collect(root: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str, list[Path]]:
+    """Layout (``folder``, ``triton`` or ``files``) and the model files of a folder or a list of paths."""
+    if isinstance(root, (str, os.PathLike)):
+        return find_models(root)
+    layouts, files = set(), []
+    for p in map(Path, root):
+        if p.is_dir():
+            layout, found = find_models(p)
+            layouts.add(layout)
+            files.extend(found)
+        else:
+            files.append(p)  # a missing file is reported as unscannable, never dropped
+    return ("triton" if "triton" in layouts else "files"), list(dict.fromkeys(files))
