@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -15,11 +16,13 @@ import onnx.version_converter
 
 from ..decide.flag import Flagged
 from ..errors import RewriteError, VerificationError
+from ..measure.budget import check_batch_memory
 from ..measure.calibrate import model_tensor
 from ..measure.preprocess import Preprocess
 from ..measure.session import create_session
 from ..measure.sources import DataSource, open_source
 from ..model.load import Model
+from ..model.taps import Tap
 from .options import ScanConfig
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,16 @@ MIN_AGREEMENT = 0.5
 
 
 def open_calibration(model: Model, calib: str | os.PathLike | DataSource, preprocess: Preprocess,
-                     limit: int | None) -> DataSource:
-    """A calibration source from a path (image folder, arrays, data-loader script) or as given."""
+                     limit: int | None, *, taps: Sequence[Tap] = (), batch_size: int = 1) -> DataSource:
+    """A calibration source from a path (image folder, arrays, data-loader script) or as given.
+
+    First, before any data is read, one batch of `batch_size` images (input, pixels and `taps`) must
+    fit `measure.budget.max_batch_bytes`.
+
+    Raises:
+        CalibrationDataError: the batch would not fit, or the data cannot be opened.
+    """
+    check_batch_memory(model, preprocess, batch_size, taps)
     if isinstance(calib, DataSource):
         return calib
     return open_source(calib, preprocess, limit=limit, input_name=model.input.name)

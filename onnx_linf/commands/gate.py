@@ -1,6 +1,6 @@
 """The CI gate: what a scan report means for one model, with the allowlist applied.
 
-A scan says ``clean``, ``suspected`` or ``not-assessed``; the gate turns that into an outcome and
+A scan says ``clean``, ``suspected``, ``not-assessed`` or ``invalid``; the gate turns that into an outcome and
 the exit code a scan of that model gives. An allowlist entry (model sha256, reason, expiry date)
 accepts a suspected model until it expires; an expired entry fails the gate, so every exception
 gets reviewed again. Models that could not be scanned get the outcome ``unscannable``, never clean.
@@ -59,6 +59,10 @@ def judge(report: ScanReport, *, path: str | os.PathLike | None = None, allowlis
     fail = 1 if fail_on_suspect else 0
     common = dict(path=str(path if path is not None else report.model.path), sha256=sha, report=report,
                   settings=settings, allowlist=None if entry is None else entry.to_dict(), triton=triton)
+    if report.verdict == "invalid":
+        # Non-finite statistics: nothing was measured that a verdict (or an allowlist) could rest
+        # on. Fail closed like a model that could not be scanned, with the input-error code.
+        return ModelOutcome(outcome="unscannable", exit_code=2, reason=report.verdict_reason, **common)
     if entry is not None and entry.expired(today):
         return ModelOutcome(outcome="allowlist-expired", exit_code=fail, **common, reason=(
             f"the allowlist entry for this model expired on {entry.expires.isoformat()} ({entry.reason}); "

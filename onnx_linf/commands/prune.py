@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 
+from ..decide.finite import require_finite
 from ..decide.flag import from_channels
 from ..decide.synthesis.results import SynthConfig
 from ..errors import CalibrationDataError, NoEvidenceError, UsageError
@@ -171,6 +172,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                     "remove this backdoor; the clamp (onnx-linf clamp) needs no trigger")
         flagged = score_and_flag(scan_cfg, clean, ev_stats)
 
+    require_finite(clean, "prune")  # a NaN model verifies against a NaN reference: refuse instead
     editable = load_with_weights(model)
     channels = flagged.channels()
     pruned, records = zero_channels(editable, taps, channels, fold=config.fold)

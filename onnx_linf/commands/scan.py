@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
+from ..decide.finite import describe_non_finite, non_finite_channels
 from ..measure.calibrate import Progress, auto_batch_size
 from ..measure.exceedance import bounds_exceedance
 from ..measure.instrument import POSITION_STATS
@@ -17,6 +19,8 @@ from ..report.visuals import Visuals
 from .common import calibration_section, open_calibration, policy_section
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .options import ScanConfig
+
+log = logging.getLogger(__name__)
 
 
 def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
@@ -45,7 +49,8 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
     preprocess = config.preprocess.resolve(model)
-    source = open_calibration(model, calib, preprocess, config.limit)
+    source = open_calibration(model, calib, preprocess, config.limit, taps=taps,
+                              batch_size=config.batch_size if isinstance(config.batch_size, int) else 1)
     if evidence is not None:
         evidence.load_trigger(preprocess)  # fail on a bad trigger before the long clean pass
     if evidence is not None and evidence.synthesize is not None:
@@ -88,6 +93,14 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         verdict, reason = "not-assessed", (
             f"channels ranked by {flagged.score}; a differential score shows where the evidence acts, "
             "it does not by itself prove a backdoor")
+    non_finite = non_finite_channels(clean)
+    if non_finite:
+        # Loudly: NaN channels would otherwise drop out of the ranking and the report would read
+        # like a normal one. The gate turns this verdict into exit 2 (an invalid model).
+        line = describe_non_finite(non_finite)
+        log.warning("%s", line)
+        extra["non_finite"] = non_finite
+        verdict, reason = "invalid", f"{line}; the model's statistics (and verdict) mean nothing until it is fixed"
     return ScanReport(
         model=ModelInfo.of(model),
         provider=probe.provider,

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from ..errors import CalibrationDataError, UsageError
 from ..model.load import Model
+from .budget import input_bytes_per_image, require_within
 from .preprocess import Preprocess, Trigger
 from .session import PROVIDERS, Session, cuda_memory, resolve_provider
 from .sources import Batch, DataSource
@@ -117,6 +118,10 @@ def run_batches(session: Session, source: DataSource, preprocess: Preprocess, ou
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if session.fixed_batch is not None:
         batch_size = session.fixed_batch
+    # The commands check the whole batch (maps included) before opening the data; this is the
+    # last line for library callers: never allocate an input batch past the limit.
+    require_within(batch_size * input_bytes_per_image(preprocess, session.input_dtype.itemsize),
+                   f"{batch_size} inputs of {preprocess.num_channels}x{preprocess.size[0]}x{preprocess.size[1]}")
     progress = progress or Progress()
     progress.start("calibrate", len(source))
 

@@ -62,14 +62,35 @@ class DataSource:
         return False
 
 
+#: Largest image (decoded or resized to) in pixels: Pillow's decompression-bomb limit, so a file that
+#: declares 30000x30000 is refused from its header and never decoded.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+#: Pillow modes of images with more than 8 bits per channel (16-bit PNG/TIFF, 32-bit integer or float).
+DEEP_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S"})
+
+
 def _decode(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise CalibrationDataError(f"cannot resize images to {size[0]}x{size[1]}: more than {MAX_IMAGE_PIXELS} "
+                                   "pixels", hint="pass --size HxW (e.g. --size 224x224)")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise CalibrationDataError(f"image {path} is {img.width}x{img.height}, more than {MAX_IMAGE_PIXELS} "
+                                           "pixels: refused undecoded")
+            if img.mode in DEEP_MODES:
+                # Converting to 8 bits clips every value above 255 (a 16-bit PNG turns white), and
+                # the right rescaling (full 16-bit range? 12 bits of a medical scan?) is the user's call.
+                raise CalibrationDataError(
+                    f"{32 if img.mode in ('I', 'F') else 16}-bit image {path} (Pillow mode {img.mode}): "
+                    "onnx-linf reads 8-bit images",
+                    hint="convert the images to 8 bits, or pass preprocessed float arrays (.npy) in the model's layout")
             img = img.convert(mode)
             if img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CalibrationDataError(f"cannot read image {path}: {exc}") from None
     return arr[..., None] if arr.ndim == 2 else arr
 

@@ -19,7 +19,8 @@ from .visuals import Visuals, hidden
 SCHEMA_VERSION = 1
 
 #: Verdicts. ``not-assessed``: statistics only, no trigger evidence was available to judge.
-VERDICTS = ("clean", "suspected", "not-assessed")
+#: ``invalid``: some statistic is NaN or infinite (the report's ``extra.non_finite`` names the channels).
+VERDICTS = ("clean", "suspected", "not-assessed", "invalid")
 
 
 class Report:
