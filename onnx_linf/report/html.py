@@ -167,12 +167,6 @@ def _maps_section(report: ScanReport) -> str:
     if len(report.taps) > MAX_MAP_FIGURES:
         out.append(f'<p class="sub">{len(report.taps) - MAX_MAP_FIGURES} more maps are in the table and the JSON '
                    "report only.</p>")
-    vis = report.visuals
-    if vis is not None and vis.heatmaps and vis.samples is not None:
-        out.append("<h3>Activation heatmaps of flagged channels</h3><p class=\"sub\">Computed in the graph with "
-                   "forward passes only (no gradients).</p>")
-        for hm in vis.heatmaps:
-            out.append(img(plots.heatmap_figure(hm, vis.samples, vis.stamped), f"heatmaps of {hm.tap}"))
     return "".join(out)
 
 

@@ -158,29 +158,3 @@ def image_png(array: np.ndarray, scale: int = 6) -> bytes:
     img.save(buf, format="PNG")
     return buf.getvalue()
 
-
-def heatmap_figure(hm, samples: np.ndarray, stamped: np.ndarray | None) -> bytes:
-    """Activation maps of a few channels over sample images (rows: images, clean then stamped)."""
-    plt = pyplot()
-    rows = [("clean", samples, hm.clean)] + ([("evidence", stamped, hm.evidence)]
-                                             if stamped is not None and hm.evidence is not None else [])
-    n = hm.clean.shape[0]
-    k = len(hm.channels)
-    fig, axes = plt.subplots(n * len(rows), k + 1, figsize=(1.3 * (k + 1), 1.3 * n * len(rows)), squeeze=False)
-    vmax = max(float(np.max(acts)) for _, _, acts in rows) or 1.0
-    for r, (label, images, acts) in enumerate(rows):
-        for i in range(n):
-            row = axes[r * n + i]
-            img = images[i]
-            row[0].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            row[0].set_ylabel(f"{label} {i}", fontsize=6)
-            for j in range(k):
-                row[j + 1].imshow(acts[i, j], cmap="magma", vmin=0, vmax=vmax)
-                if r == 0 and i == 0:
-                    row[j + 1].set_title(f"ch {hm.channels[j]}", fontsize=7)
-            for ax in row:
-                ax.set_xticks([])
-                ax.set_yticks([])
-    fig.suptitle(f"{hm.tap}: activations of flagged channels (shared colour scale, max {vmax:.3g})", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)

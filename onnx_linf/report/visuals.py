@@ -1,6 +1,6 @@
 """Arrays a report carries for its pictures (HTML report) but leaves out of its JSON form.
 
-Images, bound tensors and activation maps are too large, or too model-specific, for the
+Images and bound tensors are too large, or too model-specific, for the
 machine-readable report, and its JSON is a stable contract (golden-tested). A report keeps them in
 one `Visuals` field marked ``json=False`` (see `hidden`), so the HTML writer draws from the report
 object alone and never runs anything.
@@ -31,20 +31,6 @@ class TriggerImage:
 
 
 @dataclass(frozen=True)
-class Heatmaps:
-    """Activation maps of a few channels of one map over a few sample images (computed in-graph)."""
-
-    tap: str
-    """Tensor name of the map."""
-    channels: list[int]
-    """Channels shown (flagged first)."""
-    clean: np.ndarray = field(repr=False)
-    """float32 ``[n, len(channels), H, W]`` activations on clean sample images."""
-    evidence: np.ndarray | None = field(default=None, repr=False)
-    """The same on the evidence (trigger-stamped) versions of those images, when there is evidence."""
-
-
-@dataclass(frozen=True)
 class Visuals:
     """What the pictures of a report need beyond its JSON form."""
 
@@ -52,12 +38,6 @@ class Visuals:
     """Synthesized triggers, in class order."""
     bounds: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict, repr=False)
     """Clamp: tap -> (upper bound, lower bound or None), ``[C, H, W]`` or ``[C, 1, 1]``."""
-    samples: np.ndarray | None = field(default=None, repr=False)
-    """uint8 ``[n, H, W, C]`` sample images the heatmaps were computed on (pixels, before normalising)."""
-    stamped: np.ndarray | None = field(default=None, repr=False)
-    """The same samples with the evidence trigger stamped (uint8), when there is one."""
-    heatmaps: tuple[Heatmaps, ...] = ()
-    """Per map with flagged channels."""
 
     @classmethod
     def of_triggers(cls, triggers) -> Visuals:
