@@ -98,8 +98,9 @@ def ir14(opset: int = 21) -> onnx.ModelProto:
         input[N,3,8,8] -> conv1 -> bn1 -> relu1 -> conv2 -> relu2 -> Flatten -> Gemm; ir_version = 14
 
     Guards defect 4: the installed ONNX Runtime (1.31.1: max IR 13) refuses it with a 300-character
-    "Unsupported model IR version: 14, max supported IR version: 13" internal message. Opset 21 only needs IR 10, so onnx-linf can run an in-memory copy with IR 10 and
-    keep 14 in its output, or fail in one line.
+    "Unsupported model IR version: 14, max supported IR version: 13" internal message. Opset 21
+    only needs IR 10, so onnx-linf can run an in-memory copy with IR 10 and keep 14 in its output,
+    or fail in one line.
     """
     model = plain_cnn(opset=opset)
     model.ir_version = 14
@@ -232,3 +233,36 @@ ALL = {
     "tf_style_nhwc_pool_first": lambda: tf_style_nhwc(pool_first=True),
     "deep_random_resnet": deep_random_resnet,
 }
+
+
+def tf_style_nhwc_cast() -> onnx.ModelProto:
+    """A cast-heavy TF export: the map goes through Cast -> Transpose -> Cast before the pooled head::
+
+        input[N,8,8,3] -> Transpose -> conv1 -> Relu -> conv2 -> Relu [N,16,8,8] -> Cast(float)
+          -> Transpose(0,2,3,1) -> Cast(float) -> ReduceMean(1,2) -> Reshape -> Gemm -> [N,5]
+
+    Guards the "no last map at all" case of issue 12 (309 Casts between map and head): the walk back
+    from the head goes through Casts as well as layout ops.
+    """
+    model = tf_style_nhwc(pool_first=False)
+    nodes = list(model.graph.node)
+    k = next(i for i, n in enumerate(nodes) if n.op_type == "Transpose" and n.input[0] == "relu2_out")
+    transpose = nodes[k]
+    before = helper.make_node("Cast", ["relu2_out"], ["cast_a_out"], name="cast_a", to=TensorProto.FLOAT)
+    after = helper.make_node("Cast", ["to_nhwc_raw"], [transpose.output[0]], name="cast_b", to=TensorProto.FLOAT)
+    transpose.input[0] = "cast_a_out"
+    transpose.output[0] = "to_nhwc_raw"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:k] + [before, transpose, after] + nodes[k + 1:])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def with_unused_initializer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model plus an initializer no node reads: ONNX Runtime warns about it on stderr when it
+    loads the model at its default log severity (guards: its warnings never reach our output)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "unused_weight"))
+    return out
+

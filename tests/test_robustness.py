@@ -25,8 +25,13 @@ from typer.testing import CliRunner
 
 import onnx_linf
 from onnx_linf.cli.app import app
+from onnx_linf.commands.common import lift_for_clamp
+from onnx_linf.measure.calibrate import Progress
+from onnx_linf.measure.session import ort_message
 from onnx_linf.rewrite.verify import verify_model
 from onnx_linf.rewrite.zero import zero_channels
+
+import models
 
 runner = CliRunner()
 
@@ -205,9 +210,10 @@ def test_opset7_clamp(model_file, pixels_file, tmp_path):
 # 6. TF-style NHWC: Transpose -> NCHW conv stack -> Transpose back -> pool -> Reshape -> Gemm
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pool_first", [False, True], ids=["transpose_then_pool", "pool_then_transpose"])
-def test_nhwc_last_map_is_the_last_conv_map(pool_first, model_file):
-    model = onnx_linf.load_model(model_file(H.tf_style_nhwc(pool_first=pool_first)))
+@pytest.mark.parametrize("build", [H.tf_style_nhwc, lambda: H.tf_style_nhwc(pool_first=True), H.tf_style_nhwc_cast],
+                         ids=["transpose_then_pool", "pool_then_transpose", "casts_around_transpose"])
+def test_nhwc_last_map_is_the_last_conv_map(build, model_file):
+    model = onnx_linf.load_model(model_file(build()))
     last = onnx_linf.find_taps(model, "last")
     assert [(t.name, t.channels, t.spatial) for t in last] == [("relu2_out", 16, (8, 8))]
     every = onnx_linf.find_taps(model, "all")
@@ -281,3 +287,180 @@ def test_real_surgery_error_still_fails_verification(model_file, tmp_path):
     x = np.random.default_rng(1).random((16, 3, 16, 16), dtype=np.float32)
     result = verify_model(model, broken, model.proto, [x], atol=1e-5, rtol=1e-5, provider="cpu")
     assert not result.ok and result.checks["numeric"].startswith("failed")
+
+
+def test_small_real_error_still_fails_verification(model_file):
+    """Tolerance, other side: scaling the last map by 0.99 (what a bound 1% too low does to the
+    largest activations) moves the logits far past the rounding allowance."""
+    model = onnx_linf.load_model(model_file(H.deep_random_resnet()))
+    last = onnx_linf.find_taps(model, "last")[0].name
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model.proto)
+    for node in broken.graph.node:
+        node.input[:] = ["scaled_last" if i == last else i for i in node.input]
+    broken.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.99, np.float32), "factor"))
+    producer = next(k for k, n in enumerate(broken.graph.node) if last in n.output)
+    broken.graph.node.insert(producer + 1, onnx.helper.make_node("Mul", [last, "factor"], ["scaled_last"]))
+    x = np.random.default_rng(1).random((16, 3, 16, 16), dtype=np.float32)
+    result = verify_model(model, broken, model.proto, [x], atol=1e-5, rtol=1e-5, provider="cpu")
+    assert not result.ok and result.checks["numeric"].startswith("failed"), result.checks
+
+
+def test_nan_weights_invalid_verdict_and_exit_2(model_file, pixels_file, tmp_path):
+    """The decision: verdict 'invalid', the channels in the report, exit 2 (an invalid input)."""
+    model = model_file(H.nan_weights())
+    calib = pixels_file(8, 8, 8)
+    result = invoke("scan", model, "--calib", calib, "--provider", "cpu", "-q", "--json", tmp_path / "r.json")
+    assert result.exit_code == 2, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "invalid"
+    assert report["extra"]["non_finite"] == {"relu2_out": [1, 3]}
+    assert "relu2_out channels 1, 3" in result.stderr
+    pruned = invoke("prune", model, "--calib", calib, "-o", tmp_path / "p.onnx", "--provider", "cpu",
+                    "--evidence", "none")
+    assert_one_line_error(pruned, 2, "non-finite")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_ort_error_message_is_one_short_line():
+    """ORT's own load error (IR 14 on an ORT that loads <= 13) loses its C++ location and prefix."""
+    model = H.ir14()
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # what ORT raises for it
+        line = ort_message(exc)
+    else:
+        pytest.skip("this ONNX Runtime loads IR 14")
+    assert "model.cc" not in line and "ONNXRuntimeError" not in line and len(line) < 200, line
+    assert "IR version" in line
+
+
+def test_opset7_clamp_reports_the_lift(model_file, pixels_file, tmp_path):
+    model = model_file(H.opset7())
+    result = invoke("clamp", model, "--calib", pixels_file(8, 8, 8), "-o", tmp_path / "o.onnx", "--provider", "cpu",
+                    "-q", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert any("opset 7 lifted to 8" in n for n in report["notes"])
+    # The verification's opset check compares against the lifted copy, and says so.
+    notes: list[str] = []
+    lifted = lift_for_clamp(onnx_linf.load_model(model), notes)
+    assert lifted.opset == 8 and lifted.lifted_from == 7 and lifted.proto.ir_version == onnx.load(str(model)).ir_version
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    result = verify_model(lifted, lifted.proto, lifted.proto, [x], provider="cpu")
+    assert result.ok and "opset 7 lifted to 8" in result.checks["io_preserved"], result.checks
+
+
+def test_min_agreement_zero_turns_the_gate_off(model_file, tmp_path):
+    """The gate's other side: the same destructive prune writes when asked to (--min-agreement 0),
+    and reports the agreement it would have refused."""
+    model = model_file(H.tf_style_nhwc())
+    calib = tinted_pixels(tmp_path / "calib.npy", 16, 8, 8)
+    out = tmp_path / "p.onnx"
+    result = invoke("prune", model, "--calib", calib, "-o", out, "--provider", "cpu", "--evidence", "none", "-q",
+                    "--layers", "relu2_out", "--ratio", "0.95", "--min-agreement", "0", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["extra"]["calibration_agreement"] < 0.5
+    refused = invoke("prune", model, "--calib", calib, "-o", tmp_path / "q.onnx", "--provider", "cpu",
+                     "--evidence", "none", "--layers", "relu2_out", "--ratio", "0.95")
+    assert_one_line_error(refused, 1, "--min-agreement")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def _external(model: onnx.ModelProto, location: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    init = next(i for i in out.graph.initializer if i.name == "fc.w")
+    raw = onnx.numpy_helper.to_array(init).tobytes()
+    init.ClearField("raw_data")
+    init.ClearField("float_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
+        init.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+    return out
+
+
+def test_external_data_outside_the_folder_is_no_existence_oracle(tmp_path):
+    """`../x.bin` is refused with the same message whether x.bin exists or not, and a symlink in the
+    folder that points outside is refused too (nothing outside the folder is ever read)."""
+    base = models.plain_cnn()
+    (tmp_path / "there.bin").write_bytes(b"\0" * 4096)
+    messages = []
+    for name in ("there.bin", "absent.bin"):
+        folder = tmp_path / f"m_{name}"
+        folder.mkdir()
+        models.save(_external(base, f"../{name}"), folder / "model.onnx")
+        with pytest.raises(onnx_linf.ModelLoadError) as info:
+            onnx_linf.load_model(folder / "model.onnx")
+        messages.append(str(info.value).replace(name, "X"))
+    assert messages[0] == messages[1] and "outside the model's folder" in messages[0]
+    folder = tmp_path / "m_link"
+    folder.mkdir()
+    (folder / "weights.bin").symlink_to(tmp_path / "there.bin")
+    models.save(_external(base, "weights.bin"), folder / "model.onnx")
+    with pytest.raises(onnx_linf.ModelLoadError, match="symlink"):
+        onnx_linf.load_model(folder / "model.onnx")
+
+
+class _InterruptAfter(Progress):
+    """Progress sink that raises KeyboardInterrupt (Ctrl-C) after `n` advances."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def advance(self, n: int) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_leaves_no_partial_output(model_file, pixels_file, tmp_path, monkeypatch):
+    """Ctrl-C during calibration, and during the write itself, leaves neither the output nor a
+    temporary file, and the input model is untouched."""
+    model = model_file(H.plain_cnn())
+    before = model.read_bytes()
+    calib = pixels_file(16, 8, 8)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "safe.onnx"
+    cfg = onnx_linf.ClampConfig(provider="cpu", batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_linf.clamp(model, calib, cfg, output=out, progress=_InterruptAfter(2))
+    assert list(out_dir.iterdir()) == []
+
+    real_save = onnx.save_model
+
+    def save_then_interrupt(proto, path, *args, **kwargs):  # half a file on disk, then Ctrl-C
+        real_save(proto, path, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.truncate(max(1, Path(path).stat().st_size // 2))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_linf.clamp(model, calib, cfg, output=out)
+    assert list(out_dir.iterdir()) == []
+    assert model.read_bytes() == before
+
+
+def test_ort_warnings_never_reach_stderr(tmp_path):
+    """ONNX Runtime warns on stderr (from C++, past Python) about an unused initializer; with the
+    default provider (auto: CUDA attempt, CPU fallback) neither a success nor a refusal shows it."""
+    good = tmp_path / "good.onnx"
+    models.save(H.with_unused_initializer(models.plain_cnn()), good)
+    bad = tmp_path / "bad.onnx"
+    models.save(H.with_unused_initializer(H.tf_style_nhwc()), bad)
+    pixels = tmp_path / "p.npy"
+    np.save(pixels, np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    calib = tinted_pixels(tmp_path / "tinted.npy", 16, 8, 8)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cli = [sys.executable, "-c", "from onnx_linf.cli.app import main; main()"]
+    ok = subprocess.run([*cli, "scan", str(good), "--calib", str(pixels), "-q"], capture_output=True, text=True,
+                        timeout=120, env=env)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    refused = subprocess.run([*cli, "prune", str(bad), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"),
+                              "--evidence", "none", "--layers", "relu2_out", "--ratio", "0.95"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+    assert refused.returncode == 1 and lines and all(ln.startswith(("error:", "hint:")) for ln in lines), \
+        refused.stderr

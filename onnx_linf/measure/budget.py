@@ -111,7 +111,9 @@ def check_batch_memory(model: Model, preprocess: Preprocess, batch_size: int = 1
         maps += tap.channels * th * tw * item
     needed = batch_size * (per_image + maps)
     shape = "x".join(str(d) for d in (batch_size, preprocess.num_channels, h, w))
-    what = f"input {shape} {model.input.dtype_name}" + (f" and {len(taps)} tapped map{'s' if len(taps) > 1 else ''}" if taps else "")
+    what = f"input {shape} {model.input.dtype_name}"
+    if taps:
+        what += f" and {len(taps)} tapped map{'s' if len(taps) > 1 else ''}"
     advice = []
     if batch_size > 1 and not (isinstance(fixed, int) and fixed > 0):
         advice.append(f"pass a smaller --batch-size (1 needs {_size(needed // batch_size)})")

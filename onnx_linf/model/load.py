@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -104,6 +104,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _safe_location(location: str, tensor: str, base_dir: Path) -> Path:
+    """The path of an external-data location, refused unless it stays inside the model's folder.
+
+    Decided from the string before any filesystem call: an absolute path or a ``..`` component is
+    refused without looking at it, so the error is the same whether the file exists or not (no
+    existence oracle) and nothing outside the folder is ever opened. What is left can still leave
+    the folder through a symlink inside it, which the resolved path catches.
+    """
+    if not location or PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute() \
+            or PureWindowsPath(location).drive or location.startswith(("/", "\\")):
+        raise ModelLoadError(f"external data location '{location}' of '{tensor}' is an absolute path: refused "
+                             "(locations are relative to the model's folder)")
+    if ".." in PurePosixPath(location.replace("\\", "/")).parts:
+        raise ModelLoadError(f"external data location '{location}' of '{tensor}' is outside the model's folder: "
+                             "refused")
+    base = base_dir.resolve()
+    path = (base / location).resolve()
+    if base not in path.parents:
+        raise ModelLoadError(f"external data location '{location}' of '{tensor}' is outside the model's folder "
+                             "(through a symlink): refused")
+    return path
+
+
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
     """Return True if the model uses external data; raise if a referenced file is missing."""
     uses_external = False
@@ -112,7 +135,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
             continue
         uses_external = True
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
-        location = base_dir / info.location
+        location = _safe_location(info.location, tensor.name, base_dir)
         if not location.is_file():
             raise ModelLoadError(
                 f"external data file '{info.location}' of initializer '{tensor.name}' not found "
