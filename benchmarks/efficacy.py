@@ -148,17 +148,76 @@ def _register_optional() -> None:
     EXTRA_ROWS.append(baseline_rows)
 
 
-def clamp_rows(case: Case) -> list[Row]:
+#: The clamp settings every case gets: today's ℓ∞ clamp, the channel-mean bound at fixed
+#: strengths (p = 2 is the setting the lead was measured with), and the default (auto strength).
+CLAMP_SETTINGS = (
+    ("clamp", "position, q=100, all maps (no trigger)", dict(bounds=("position",))),
+    ("clamp v2", "fixed q=99, p=2", dict(strength=99.0, power=2.0)),
+    ("clamp v2", "fixed q=99, p=6", dict(strength=99.0)),
+    ("clamp v2", "**auto (default)**", dict(score_output=True)),
+)
+
+
+def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a positive scores above a negative (ties count half): Mann-Whitney AUROC."""
+    values = np.concatenate([negative, positive])
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):  # average ranks of ties
+        tie = values == v
+        ranks[tie] = ranks[tie].mean()
+    pos = ranks[len(negative):]
+    return float((pos.sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(negative)))
+
+
+def score_auroc(case: Case, proto) -> tuple[float, float]:
+    """AUROC of the clamped model's score output, triggered (non-target) vs clean test images, and
+    the false-alarm rate of its cross-fitted 1% threshold is reported by the caller."""
+    from onnx_linf.measure.calibrate import model_tensor
+    from onnx_linf.measure.session import create_session
+    from onnx_linf.rewrite.clamp import SCORE_OUTPUT
+
+    session = create_session(case.model, proto, "cpu")
+    clean, triggered = [], []
+    for batch in case.test.batches(256):
+        clean.append(session.run([SCORE_OUTPUT], model_tensor(batch, case.preprocess))[0])
+        keep = batch.labels != case.target
+        stamped = session.run([SCORE_OUTPUT], model_tensor(batch, case.preprocess, case.trigger))[0]
+        triggered.append(stamped[keep])
+    neg, pos = np.concatenate(clean), np.concatenate(triggered)
+    return auroc(neg, pos), neg
+
+
+def clamp_rows(case: Case, grid: bool = False) -> list[Row]:
     from onnx_linf.commands.clamp import ClampConfig, clamp
 
     rows = []
+    for defence, label, options in CLAMP_SETTINGS:
+        t0 = time.perf_counter()
+        result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
+        seconds = time.perf_counter() - t0
+        acc, asr = measure(case, result.proto)
+        s = result.report.strength
+        detail = f"{len(result.records)} maps, {seconds:.0f} s"
+        if s is not None and s["mode"] == "auto":
+            detail += f"; chose q={s['quantile']:g}, {s['forwards']} forwards"
+        if result.report.score is not None and case.trigger is not None:
+            area, clean_scores_ = score_auroc(case, result.proto)
+            thr = result.report.score["threshold_1pct"]
+            far = float((clean_scores_ > thr).mean()) if thr is not None else float("nan")
+            detail += f"; score AUROC {area:.3f}, clean test above the 1% threshold: {100 * far:.1f}%"
+        rows.append(Row(defence, label, acc, asr, detail))
+    if not grid:
+        return rows
     selections = ["all", "last"]
     if len(find_taps(case.model, "all+branches")) > len(find_taps(case.model, "all")):
         selections.insert(1, "all+branches")  # ResNets: also bound the conv outputs before each merge
     for layers in selections:
         for granularity in ("position", "channel"):
             for quantile in (100.0, 99.0, 95.0, 90.0):
-                cfg = ClampConfig(layers=layers, granularity=granularity, quantile=quantile, provider="cpu")
+                cfg = ClampConfig(layers=layers, granularity=granularity, quantile=quantile, provider="cpu",
+                                  bounds=("position",))
                 result = clamp(case.model, case.calib, cfg, preprocess=case.preprocess)
                 acc, asr = measure(case, result.proto)
                 rows.append(Row("clamp", f"{granularity}, q={quantile:g}, layers={layers}", acc, asr,
@@ -207,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores", default="linf,l1,l2", help="norms for the pruning grid")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="ratios for the pruning grid")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--clamp-grid", action="store_true", help="also the position clamp's granularity x "
+                        "quantile x layers grid")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())
@@ -225,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows += pruning_rows(case, layers, tuple(args.scores.split(",")),
                                      tuple(float(r) for r in args.ratios.split(",")))
         for extra in EXTRA_ROWS:
-            rows += extra(case)
+            if extra is baseline_rows and args.no_baselines:
+                continue
+            rows += extra(case, args.clamp_grid) if extra is clamp_rows else extra(case)
         chunk = table(case, rows, base) + f"\n({time.perf_counter() - t0:.0f} s)\n"
         print(chunk, flush=True)
         chunks.append(chunk)

@@ -56,18 +56,22 @@ def stats_for(granularity: str, two_sided: bool) -> tuple[str, ...]:
     raise UsageError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
 
 
-def map_bound(tap: Tap, stats: ChannelStats, granularity: str, margin: float = 0.0) -> MapBound:
+def map_bound(tap: Tap, stats: ChannelStats, granularity: str, margin: float = 0.0, *,
+              quantile: float | None = None, images: int | None = None) -> MapBound:
     """Bounds of one map from its streaming top-k statistics.
 
     Position bounds are the per-element quantile over images. Channel bounds are the quantile
     over images of each image's per-channel maximum (minimum), one value per channel.
     A margin widens the range by ``margin * |bound|`` on each side (headroom for new data).
+    With `quantile` and `images` the rank is that of `images` images (statistics merged from a
+    subset of cross-fitting folds); otherwise it is the k the statistics were collected with.
     """
     if margin < 0:
         raise UsageError(f"--margin must be >= 0, got {margin}")
     upper, lower = ("pos_top", "pos_bottom") if granularity == "position" else ("img_max", "img_min")
-    hi = stats.top[upper].kth()
-    lo = stats.top[lower].kth() if lower in stats.top else None
+    k = None if quantile is None or images is None else topk_for_quantile(quantile, images)
+    hi = stats.top[upper].kth(k)
+    lo = stats.top[lower].kth(k) if lower in stats.top else None
     if granularity == "channel":
         hi = hi.reshape(-1, 1, 1)
         lo = None if lo is None else lo.reshape(-1, 1, 1)
@@ -76,3 +80,22 @@ def map_bound(tap: Tap, stats: ChannelStats, granularity: str, margin: float = 0
         lo = lo - margin * np.abs(lo)
     return MapBound(tap.name, granularity, hi.astype(np.float32),
                     None if lo is None else lo.astype(np.float32))
+
+
+#: Relative widening of channel-mean bounds: the rewritten model computes channel means with
+#: the same GlobalAveragePool, but ONNX Runtime may run it in another layout (another summation
+#: order) there, so a clean image at the bound must never be scaled by a rounding difference.
+#: Backdoor excesses are multiples of the bound (measured: 4-23x), so 1e-3 costs nothing.
+MEAN_BOUND_SLACK = 1e-3
+
+
+def mean_bound(stats: ChannelStats, statistic: str, quantile: float, images: int) -> np.ndarray:
+    """``[C]`` channel-mean bound: the `quantile` over `images` images of each image's channel mean.
+
+    Args:
+        stats: statistics with a top-k of `statistic` (``img_mean`` or ``img_pmean``) per image.
+        quantile: percent in (0, 100].
+        images: images the statistics hold (a subset of folds: fewer than were measured).
+    """
+    values = stats.top[statistic].kth(topk_for_quantile(quantile, images))
+    return (np.maximum(values, 0.0) * (1.0 + MEAN_BOUND_SLACK)).astype(np.float32)

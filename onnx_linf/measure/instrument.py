@@ -45,8 +45,10 @@ BATCH_STATS = ("chan_max", "chan_min")
 #: Streaming quantiles of clamp bounds come from these (see `stats.TopK`).
 TOPK_STATS = ("pos_top", "pos_bottom")
 
-#: Per-image per-channel max / min over H, W (signed, no Abs): output shape [N, C].
-IMAGE_STATS = ("img_max", "img_min")
+#: Per-image per-channel max / min over H, W (signed, no Abs), and mean over H, W of the map
+#: (``img_mean``) and of its positive part (``img_pmean``, the channel-mean bound of a signed
+#: map): output shape [N, C]. Streamed as top-k over images (see `stats.TopK`).
+IMAGE_STATS = ("img_max", "img_min", "img_mean", "img_pmean")
 
 #: The whole activation, for tests and debugging only: shape [N, C, H, W].
 RAW = "raw"
@@ -324,6 +326,14 @@ class _Builder:
             return [self.reduce("ReduceMax", x, (2, 3), out)]
         if stat == "img_min":
             return [self.reduce("ReduceMin", x, (2, 3), out)]
+        if stat in ("img_mean", "img_pmean"):
+            # GlobalAveragePool, the op the channel-mean bound computes its means with: the same
+            # kernel on the same map (runs on ORT's blocked layout; only [N, C, 1, 1] is reordered).
+            self.nodes = []
+            src = x if stat == "img_mean" or tap.non_negative else self.node("Relu", [x], "pos")
+            self.node("Flatten", [self.node("GlobalAveragePool", [src], "gap")], "flat", out, axis=1)
+            nodes, self.nodes = self.nodes, []
+            return nodes
         if stat in TOPK_STATS:
             return self.topk_nodes(x, out, largest=stat == "pos_top")
         if stat == RAW:

@@ -103,11 +103,18 @@ class TopK:
             out.count = self.count + other.count
         return out
 
-    def kth(self) -> np.ndarray:
-        """The k-th most extreme value per element (the most extreme if fewer than k were seen)."""
+    def kth(self, k: int | None = None) -> np.ndarray:
+        """The k-th most extreme value per element (default: the `k` kept; the least extreme kept
+        value when fewer were seen). A smaller `k` serves a quantile of fewer images, e.g. a subset
+        of folds merged: the k-th of the kept top values is the k-th of all values seen."""
         if self.values is None:
             raise ValueError("no values seen")
-        v = self.values.min(axis=0)
+        if k is None or k >= self.values.shape[0]:
+            v = self.values.min(axis=0)
+        else:
+            if k < 1:
+                raise ValueError(f"k must be >= 1, got {k}")
+            v = np.partition(self.values, self.values.shape[0] - k, axis=0)[self.values.shape[0] - k]
         return v if self.largest else -v
 
 
@@ -166,14 +173,17 @@ def _combine(a: np.ndarray | None, b: np.ndarray | None, op) -> np.ndarray | Non
 class StatsCollector:
     """Folds per-batch instrumented outputs into one `ChannelStats` per tap."""
 
-    def __init__(self, outputs: Mapping[str, TapOutput], channels: Mapping[str, int], topk: int = 1) -> None:
+    def __init__(self, outputs: Mapping[str, TapOutput], channels: Mapping[str, int], topk: int = 1,
+                 image_topk: int | None = None) -> None:
         """
         Args:
             outputs: added output name -> (tap, statistic), from `instrument`.
             channels: tap name -> number of channels.
             topk: k kept by the top-k statistics.
+            image_topk: k kept by the per-image statistics (``img_*``), when it differs from `topk`.
         """
         self.topk = topk
+        self.image_topk = topk if image_topk is None else image_topk
         self.outputs = dict(outputs)
         self.stats = {tap: ChannelStats(tap, c) for tap, c in channels.items()}
 
@@ -189,8 +199,9 @@ class StatsCollector:
                 m = Moments.of(value)
                 st.moments[ref.stat] = st.moments[ref.stat].merge(m) if ref.stat in st.moments else m
             elif ref.stat in TOPK_STATS or ref.stat in IMAGE_STATS:
-                largest = ref.stat in ("pos_top", "img_max")
-                acc = st.top.setdefault(ref.stat, TopK(self.topk, largest))
+                largest = ref.stat in ("pos_top", "img_max", "img_mean", "img_pmean")
+                k = self.topk if ref.stat in TOPK_STATS else self.image_topk
+                acc = st.top.setdefault(ref.stat, TopK(k, largest))
                 acc.update(value, images=images if ref.stat in TOPK_STATS else None)
             elif ref.stat in POSITION_STATS or ref.stat in BATCH_STATS:
                 attr = ref.stat

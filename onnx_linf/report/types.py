@@ -181,17 +181,24 @@ class ClampMapReport:
     tap: str
     """Tensor name of the map."""
     granularity: str
-    """``position`` or ``channel``."""
+    """``position`` or ``channel`` (``none``: no position clamp)."""
     two_sided: bool
     """True when a lower bound is applied too."""
     elements: int
     """Bound values per side."""
-    hi_mean: float
+    hi_mean: float | None
     """Mean upper bound."""
-    hi_max: float
+    hi_max: float | None
     """Largest upper bound."""
     lo_min: float | None
     """Smallest lower bound (two-sided maps)."""
+    mean_bound: str | None = None
+    """Channel-mean bound: ``mean`` (of the map) or ``positive-mean`` (of its positive part), None: none."""
+    mean_hi_max: float | None = None
+    """Largest channel-mean bound."""
+    mean_scaled: float | None = None
+    """Share of held-out calibration (image, channel) pairs above their channel-mean bound, at the
+    chosen strength (cross-fit), i.e. how often the bound acts on clean data."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,11 @@ class ClampReport(Report):
     """Where the clamped model was written."""
     evaluation: dict | None = None
     """ACC / ASR before and after, when labelled data was given."""
+    strength: dict | None = None
+    """Channel-mean bound strength: mode (auto or fixed), chosen quantile, power, and for auto the
+    rule, slack, folds and the held-out cost of every candidate."""
+    score: dict | None = None
+    """The anomaly score output, when added: name, held-out calibration distribution, threshold."""
     schema_version: int = SCHEMA_VERSION
     """Report schema version."""
     tool: str = "onnx-linf"

@@ -12,7 +12,7 @@ import logging
 import math
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,10 +106,15 @@ def _signature(vi: onnx.ValueInfoProto) -> str:
     return f"{vi.name}:{onnx.TensorProto.DataType.Name(tt.elem_type)}[{','.join(dims)}]"
 
 
-def _io_check(original: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+def _io_check(original: onnx.ModelProto, candidate: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> str:
     problems: list[str] = []
+    # Outputs a rewrite adds on purpose (the clamp's score) come after the original ones.
+    outputs = list(candidate.graph.output)
+    added = [o.name for o in outputs[len(original.graph.output):]]
+    if added == list(extra_outputs):
+        outputs = outputs[:len(original.graph.output)]
     for what, want, got in (("inputs", real_inputs(original.graph), real_inputs(candidate.graph)),
-                            ("outputs", list(original.graph.output), list(candidate.graph.output))):
+                            ("outputs", list(original.graph.output), outputs)):
         # Type protos compare exactly: element type, every dim value / dim name, denotations.
         if [(v.name, v.type) for v in want] != [(v.name, v.type) for v in got]:
             problems.append(f"{what} changed from {[_signature(v) for v in want]} "
@@ -175,14 +180,14 @@ def _compare(cand: np.ndarray, ref: np.ndarray, atol: float, rtol: float,
         0.0 if exact else float(bound.flat[worst]), int(cand.size)
 
 
-def _numeric(candidate: Session, reference: Session, inputs: Iterable[np.ndarray], atol: float,
+def _numeric(candidate: Session, reference: Session, inputs: Iterable[np.ndarray], atol: float, names: list[str],
              rtol: float, exact: bool) -> tuple[str, float, float, int]:
     """Run both models on every batch; return (check text, max |diff|, its bound, samples)."""
     max_diff, tol_at_max, samples, violations, elements = 0.0, 0.0, 0, 0, 0
     try:
         for batch in inputs:
-            got = candidate.run(None, batch)
             want = reference.run(None, batch)
+            got = candidate.run(names or None, batch)
             samples += int(batch.shape[0])
             if len(got) != len(want):
                 return (f"failed: the candidate has {len(got)} outputs, the reference {len(want)}",
@@ -211,7 +216,7 @@ def _numeric(candidate: Session, reference: Session, inputs: Iterable[np.ndarray
 
 def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.ModelProto,
                  inputs: Iterable[np.ndarray], *, atol: float = 1e-4, rtol: float = 1e-4,
-                 provider: str = "cpu", exact: bool = False) -> VerifyResult:
+                 provider: str = "cpu", exact: bool = False, extra_outputs: Sequence[str] = ()) -> VerifyResult:
     """Check a rewritten model against the original and a reference model.
 
     Args:
@@ -223,6 +228,8 @@ def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.Model
         rtol: relative tolerance (times ``|reference|``).
         provider: ONNX Runtime provider for both models (``cpu``, ``cuda``, ``auto``...).
         exact: require bit-for-bit equal outputs instead of the tolerance test.
+        extra_outputs: outputs the candidate adds after the original ones on purpose (the clamp's
+            score): not part of the I/O contract, and not compared.
 
     Returns:
         The result; `ok` is False when any check failed (no exception: see `require_ok`).
@@ -243,7 +250,7 @@ def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.Model
         except (ValueError, EncodeError) as exc:  # protobuf cannot serialise a >2 GB proto for ORT
             checks.setdefault("ort_load" if name == "candidate" else "numeric", f"failed: {_first_line(exc)}")
     checks.setdefault("ort_load", _OK)
-    checks["io_preserved"] = _io_check(model.proto, candidate)
+    checks["io_preserved"] = _io_check(model.proto, candidate, extra_outputs)
     if model.lifted_from is not None and checks["io_preserved"] == _OK:
         checks["io_preserved"] = (f"ok (opset {model.lifted_from} lifted to {model.opset} by onnx.version_converter "
                                   f"before the rewrite: the output imports opset {model.opset})")
@@ -252,7 +259,8 @@ def verify_model(model: Model, candidate: onnx.ModelProto, reference: onnx.Model
     if "numeric" not in checks and len(sessions) < 2:
         checks["numeric"] = "skipped: the candidate could not be loaded"
     if "numeric" not in checks:
-        numeric = _numeric(*sessions, inputs, atol, rtol, exact)
+        names = [o.name for o in reference.graph.output] if extra_outputs else []
+        numeric = _numeric(*sessions, inputs, atol, names, rtol, exact)
         checks["numeric"], max_diff, tol_at_max, samples = numeric
 
     order = ("checker", "ort_load", "io_preserved", "numeric")

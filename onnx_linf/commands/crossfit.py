@@ -1,0 +1,145 @@
+"""Clamp v2 bounds from statistics, and the cross-fit that picks the channel-mean strength.
+
+Shared by `clamp` (and anything else that writes a clamped model); the statistics come from one
+pass of `measure.folds.measure_folds`, so every candidate strength and every fold is fitted from
+the same pass, exactly (merged per-fold top-k, no second statistics pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..decide.bounds import map_bound, mean_bound, topk_for_quantile
+from ..decide.strength import StrengthRow, held_out_row
+from ..measure.calibrate import Progress, model_tensor, prefetch
+from ..measure.folds import FoldedSource, FoldStats
+from ..measure.preprocess import Preprocess
+from ..measure.session import create_session
+from ..measure.sources import DataSource
+from ..measure.stats import ChannelStats
+from ..model.load import Model
+from ..model.taps import Tap
+from ..rewrite.clamp import SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
+
+#: Channel-mean floor, relative to the map's largest bound: a channel silent on clean images
+#: (bound ~0) is never divided by zero, and one that wakes up beyond the floor is scaled down.
+MEAN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """What the clamp bounds at one map."""
+
+    tap: Tap
+    """The map."""
+    granularity: str | None
+    """``position`` or ``channel`` for the position clamp, None for none."""
+    mean_stat: str | None
+    """``img_mean`` or ``img_pmean`` (signed maps: mean of the positive part), None for no mean bound."""
+
+    @property
+    def two_sided(self) -> bool:
+        """The position clamp also has a lower bound (the map can go negative)."""
+        return self.granularity is not None and not self.tap.non_negative
+
+    def stats(self) -> tuple[str, ...]:
+        """Instrumented statistics this plan needs."""
+        out: tuple[str, ...] = ()
+        if self.granularity == "position":
+            out += ("pos_top", "pos_bottom") if self.two_sided else ("pos_top",)
+        elif self.granularity == "channel":
+            out += ("img_max", "img_min") if self.two_sided else ("img_max",)
+        if self.mean_stat is not None:
+            out += (self.mean_stat,)
+        return out
+
+
+def bounds_at(plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: int, *, strength: float | None,
+              position_quantile: float, margin: float, power: float) -> dict[str, ClampBound]:
+    """Bounds of every map from statistics of `images` images (all of them, or all folds but one)."""
+    out: dict[str, ClampBound] = {}
+    for plan in plans:
+        st = stats[plan.tap.name]
+        hi = lo = mean = None
+        if plan.granularity is not None:
+            mb = map_bound(plan.tap, st, plan.granularity, margin, quantile=position_quantile, images=images)
+            hi, lo = mb.hi, mb.lo
+        if plan.mean_stat is not None and strength is not None:
+            b = mean_bound(st, plan.mean_stat, strength, images)
+            eps = MEAN_EPS * max(float(b.max()), 1e-12)
+            mean = MeanBound(b, power=power, eps=eps, positive=plan.mean_stat == "img_pmean")
+        if hi is not None or mean is not None:
+            out[plan.tap.name] = ClampBound(hi=hi, lo=lo, mean=mean)
+    return out
+
+
+def image_topk(grid: Sequence[float], images: int) -> int:
+    """How many per-image values the lowest strength of `grid` needs (over all images)."""
+    return max(topk_for_quantile(min(grid), images), 1)
+
+
+def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource, preprocess: Preprocess,
+              batch_size: int, grid: Sequence[float], *, position_quantile: float, margin: float, power: float,
+              provider: str = "auto", progress: Progress | None = None) -> list[StrengthRow]:
+    """Held-out cost of every candidate strength.
+
+    For each candidate, each fold's images run through the model bounded by the other folds'
+    statistics (channel means and positions alike); one pass over the source per candidate, with
+    one session per fold.
+    """
+    k = len(folds.folds)
+    n = len(folds.predictions)
+    progress = progress or Progress()
+    rows = []
+    output = model.proto.graph.output[0].name
+    for q in grid:
+        sessions = []
+        for f in range(k):
+            bounds = bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=q,
+                               position_quantile=position_quantile, margin=margin, power=power)
+            proto, _ = clamp_maps(model, bounds, score_output=True)
+            sessions.append(create_session(model, proto, provider))
+        new = np.full(n, -1, dtype=np.int64)
+        scores = np.full(n, np.nan, dtype=np.float64)
+        progress.start(f"cross-fit q={q:g}", n)
+        try:
+            staged = ((b, model_tensor(b, preprocess)) for b in FoldedSource(source, k).batches(batch_size))
+            for batch, x in prefetch(staged):
+                logits, score = sessions[batch.fold].run([output, SCORE_OUTPUT], x)
+                new[batch.indices] = np.asarray(logits).reshape(len(batch), -1).argmax(-1)
+                scores[batch.indices] = score
+                progress.advance(len(batch))
+        finally:
+            progress.finish()
+        rows.append(held_out_row(q, folds.probabilities, folds.predictions, new, scores))
+        del sessions
+    return rows
+
+
+def held_out_scaled(plans: Sequence[MapPlan], folds: FoldStats, strength: float | None) -> dict[str, float]:
+    """Per map, the share of held-out (image, channel) pairs whose channel mean exceeds the bound
+    fitted on the other folds: how often the channel-mean bound acts on clean data.
+
+    Counted from each fold's top-k of per-image means, which holds every value above the bound as
+    long as fewer than k do (k serves the lowest candidate strength over all images).
+    """
+    if strength is None:
+        return {}
+    out: dict[str, float] = {}
+    k = len(folds.folds)
+    n = len(folds.predictions)
+    for plan in plans:
+        if plan.mean_stat is None:
+            continue
+        above = pairs = 0
+        for f in range(k):
+            merged = folds.merged(exclude=f)[plan.tap.name]
+            bound = mean_bound(merged, plan.mean_stat, strength, folds.images(exclude=f))
+            top = folds.folds[f][plan.tap.name].top[plan.mean_stat].values  # [<=k, C], largest orientation
+            above += int((top > bound[None, :]).sum())
+            pairs += len(range(f, n, k)) * plan.tap.channels
+        out[plan.tap.name] = above / pairs if pairs else 0.0
+    return out

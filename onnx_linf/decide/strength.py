@@ -1,0 +1,102 @@
+"""Automatic strength of the channel-mean bound, from clean calibration data only (pure numpy).
+
+The strength is the quantile q (percent) of clean per-image channel means that becomes the bound.
+Lower q removes more of a full-image trigger and changes more clean predictions. Each candidate q
+is judged by cross-fitting (`commands.crossfit`): bounds fitted on all folds but one, the held-out
+fold's predictions compared with the original model's. A rule then picks the lowest q whose cost
+on held-out clean images stays within a slack of the cost at q = 100 (the position clamp alone,
+fitted the same way, already changes a few held-out predictions: an absolute budget would judge
+the position clamp rather than the strength).
+
+Costs a rule can use, per candidate q, over the held-out images:
+
+* ``change``: the share whose top-1 class changed;
+* ``softmax``: the estimated accuracy drop ``mean(P[i, orig_i] - P[i, new_i])`` with ``P`` the
+  original model's softmax. On a calibrated model that is the expected accuracy lost; it weighs
+  a changed confident prediction more than a changed coin flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+
+RULES = ("softmax", "change")
+
+#: Candidate strengths, strongest last.
+DEFAULT_GRID = (100.0, 99.5, 99.0, 98.0, 97.0, 95.0, 90.0)
+
+
+@dataclass(frozen=True)
+class StrengthRow:
+    """Held-out cost of one candidate strength."""
+
+    quantile: float
+    """Candidate q (percent)."""
+    changed: float
+    """Share of held-out images whose top-1 class changed."""
+    estimated_drop: float
+    """Estimated accuracy drop (softmax rule's cost), as a fraction."""
+    score_p99: float
+    """99th percentile of the held-out images' anomaly score (the 1% false-alarm threshold)."""
+
+
+@dataclass(frozen=True)
+class StrengthChoice:
+    """The chosen strength and everything it was chosen from."""
+
+    quantile: float
+    """The chosen q."""
+    rule: str
+    """``softmax`` or ``change``."""
+    slack: float
+    """Allowed cost above the cost at q = 100, as a fraction."""
+    rows: tuple[StrengthRow, ...]
+    """Per candidate, in grid order."""
+
+
+def held_out_row(quantile: float, probabilities: np.ndarray, original: np.ndarray, new: np.ndarray,
+                 scores: np.ndarray) -> StrengthRow:
+    """Costs of one candidate from held-out predictions (every image held out exactly once)."""
+    rows = np.arange(len(original))
+    drop = probabilities[rows, original] - probabilities[rows, new]
+    finite = scores[np.isfinite(scores)]
+    p99 = float(np.quantile(finite, 0.99, method="inverted_cdf")) if len(finite) else float("nan")
+    return StrengthRow(quantile, float((new != original).mean()), float(drop.mean()), p99)
+
+
+def choose(rows: Sequence[StrengthRow], rule: str = "softmax", slack: float = 0.01) -> StrengthChoice:
+    """The lowest q whose cost is at most the cost at q = 100 plus `slack`.
+
+    Raises:
+        UsageError: unknown rule, negative slack, or no q = 100 row to compare with.
+    """
+    if rule not in RULES:
+        raise UsageError(f"unknown strength rule {rule!r}: use {' or '.join(RULES)}")
+    if not 0.0 <= slack < 1.0:
+        raise UsageError(f"the strength slack is a fraction in [0, 1), got {slack}")
+    by_q: Mapping[float, StrengthRow] = {r.quantile: r for r in rows}
+    if 100.0 not in by_q:
+        raise UsageError("the strength grid must contain 100 (the reference cost)")
+    cost = (lambda r: r.estimated_drop) if rule == "softmax" else (lambda r: r.changed)  # noqa: E731
+    limit = cost(by_q[100.0]) + slack + 1e-12
+    fitting = [r.quantile for r in rows if cost(r) <= limit]
+    return StrengthChoice(min(fitting), rule, slack, tuple(rows))
+
+
+def validate_grid(grid: Sequence[float]) -> tuple[float, ...]:
+    """Sorted strongest-last, each in (0, 100], 100 included.
+
+    Raises:
+        UsageError: an empty grid or a value out of range.
+    """
+    values = sorted({float(q) for q in grid}, reverse=True)
+    if not values or any(not 0.0 < q <= 100.0 for q in values):
+        raise UsageError(f"strength grid values must be in (0, 100], got {list(grid)}")
+    if values[0] != 100.0:
+        values.insert(0, 100.0)
+    return tuple(values)
