@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from onnx_linf.cli.app import app
 from onnx_linf.commands.gate import AllowEntry, judge, unscannable
 from onnx_linf.errors import ModelLoadError
+from onnx_linf.report.many import ScanManyReport, worst_exit_code
 from onnx_linf.report.markdown import markdown_summary, outcomes_markdown
 from onnx_linf.report.sarif import RULES, sarif_log
 
@@ -107,3 +108,19 @@ def test_cli_scan_bad_output_folder_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: output folder does not exist")
     assert "Traceback" not in result.stderr
+
+
+def test_invalid_statistics_fail_closed_in_a_many_model_report():
+    """A scan whose statistics are non-finite is not a scan: exit 2 and listed as skipped, never clean."""
+    clean = judge(reports.plain_scan("digits_clean"))
+    invalid = judge(dataclasses.replace(reports.plain_scan(), verdict="invalid",
+                                        verdict_reason="relu3_out: 2 channels have non-finite linf"))
+    assert invalid.outcome == "unscannable" and not invalid.scanned
+    report = ScanManyReport(root="models", layout="folder", models=[clean, invalid], skip_unscannable=False,
+                            exit_code=worst_exit_code([clean, invalid], False))
+    assert report.exit_code == 2 and worst_exit_code([clean, invalid], True) == 0
+    doc = report.to_dict()
+    assert [m["outcome"] for m in doc["skipped"]] == ["unscannable"] and "report" in doc["skipped"][0]
+    results = sarif_log(report)["runs"][0]["results"]
+    assert [r["ruleId"] for r in results] == ["OLINF005", "OLINF003"]
+    assert results[1]["message"]["text"].startswith("relu3_out: 2 channels have non-finite linf")

@@ -44,8 +44,9 @@ class ModelOutcome:
 
     @property
     def scanned(self) -> bool:
-        """True when a scan report exists."""
-        return self.report is not None
+        """True when the scan gave a usable result: a report whose verdict is not ``invalid``
+        (non-finite statistics count as not scanned: fail closed)."""
+        return self.report is not None and self.outcome != "unscannable"
 
     @property
     def verdict(self) -> str:
@@ -93,10 +94,10 @@ class ScanManyReport(Report):
         def entry(m: ModelOutcome) -> dict:
             out = {"path": m.path, "sha256": m.sha256, "outcome": m.outcome, "reason": m.reason,
                    "exit_code": m.exit_code, "settings": m.settings, "allowlist": m.allowlist, "triton": m.triton}
-            if m.report is not None:
-                out["report"] = m.report.to_dict()
-            else:
+            if not m.scanned:
                 out["error"] = m.error
+            if m.report is not None:  # an invalid scan keeps its report: it names the non-finite channels
+                out["report"] = m.report.to_dict()
             return out
 
         return {

@@ -84,7 +84,7 @@ def findings(outcome: ModelOutcome) -> list[tuple[str, str, list | None]]:
     """(rule name, message, suppressions) for every finding about one model."""
     out: list[tuple[str, str, list | None]] = []
     if outcome.outcome == "unscannable":
-        out.append(("not-scanned", f"{outcome.error}: {outcome.reason}", None))
+        out.append(("not-scanned", f"{outcome.error}: {outcome.reason}" if outcome.error else outcome.reason, None))
         return out
     if outcome.outcome == "allowlist-expired":
         out.append(("allowlist-expired", outcome.reason, None))
