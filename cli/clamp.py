@@ -44,6 +44,9 @@ def clamp_command(
     min_agreement: o.MinAgreement = MIN_AGREEMENT,
     batch_size: o.BatchSize = 32,
     provider: o.Provider = "auto",
+    ray: o.RayFlag = False,
+    ray_workers: o.RayWorkers = None,
+    ray_gpus: o.RayGpus = 0.0,
     limit: o.Limit = None,
     size: o.Size = None,
     layout: o.Layout = None,
@@ -69,7 +72,7 @@ def clamp_command(
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
         config = ClampConfig(layers=o.parse_layers(layers), granularity=granularity, quantile=quantile,
                              margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
-                             min_agreement=min_agreement)
+                             min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus))
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +11,7 @@ import typer
 from onnx_linf.commands.options import PreprocessOptions
 from onnx_linf.decide.synthesis.results import SynthConfig
 from onnx_linf.errors import UsageError
+from onnx_linf.measure.engine import EngineOptions
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 CalibOpt = Annotated[Path, typer.Option("--calib", "-c", help="Clean calibration data: a folder of images "
@@ -44,6 +46,37 @@ MinAgreement = Annotated[float, typer.Option("--min-agreement", help="Write noth
                                              "class after the rewrite (0 turns the gate off).")]
 Suspect = Annotated[Optional[Path], typer.Option("--suspect", help="Real suspicious (triggered) images: folder "
                                                  "or .npy/.npz.")]
+
+
+RayFlag = Annotated[bool, typer.Option("--ray", help="Compute the statistics on Ray: the cluster in RAY_ADDRESS, "
+                                       "else a local Ray (pip install 'onnx-linf[ray]'). Same report.")]
+RayWorkers = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray actors measuring shards at once "
+                                                   "(default: one per CPU of the cluster).", metavar="N")]
+RayGpus = Annotated[float, typer.Option("--ray-gpus", help="GPUs each Ray worker reserves (its session then "
+                                        "runs on CUDA); 0 = CPU workers.", metavar="G")]
+
+
+def engine_options(ray: bool, workers: int | None, gpus: float = 0.0) -> EngineOptions:
+    """The library's engine options from --ray / --ray-workers / --ray-gpus."""
+    if not ray:
+        if workers is not None or gpus:
+            raise UsageError("--ray-workers and --ray-gpus need --ray")
+        return EngineOptions()
+    options = EngineOptions("ray", workers=workers, gpus_per_worker=gpus)
+    options.validate()
+    _quiet_ray_data()
+    return options
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data logs every dataset's plan and timing on stderr; -v (onnx_linf at INFO) keeps them."""
+    if logging.getLogger("onnx_linf").getEffectiveLevel() <= logging.INFO:
+        return
+    try:
+        import ray.data  # noqa: F401  (configures its loggers on import: set the level after)
+    except ImportError:
+        return  # the library says which extra to install
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def parse_layers(value: str) -> str | tuple[str, ...]:

@@ -66,6 +66,9 @@ def prune_command(
     min_agreement: o.MinAgreement = MIN_AGREEMENT,
     batch_size: o.BatchSize = 32,
     provider: o.Provider = "auto",
+    ray: o.RayFlag = False,
+    ray_workers: o.RayWorkers = None,
+    ray_gpus: o.RayGpus = 0.0,
     limit: o.Limit = None,
     size: o.Size = None,
     layout: o.Layout = None,
@@ -89,7 +92,8 @@ def prune_command(
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
         config = PruneConfig(
             scan=ScanConfig(layers=o.parse_layers(layers), policy=policy, ratio=ratio, threshold=threshold,
-                            score=score, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp),
+                            score=score, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
+                            engine=o.engine_options(ray, ray_workers, ray_gpus)),
             evidence=evidence_mode, fold=fold, max_acc_drop=max_acc_drop, labels=labels, target=target,
             synthesize=o.synth_config(classes, seed, max_queries, time_limit), min_agreement=min_agreement,
         )

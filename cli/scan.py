@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +50,9 @@ def scan_command(
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Images per inference batch, or 'auto' "
                                             "(the largest that fits in memory; reported).")] = "32",
     provider: o.Provider = "auto",
+    ray: o.RayFlag = False,
+    ray_workers: o.RayWorkers = None,
+    ray_gpus: o.RayGpus = 0.0,
     limit: o.Limit = None,
     size: o.Size = None,
     layout: o.Layout = None,
@@ -88,13 +92,15 @@ def scan_command(
         evidence = None
         if trigger is not None or suspect is not None or mask is not None:
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
+        engine = o.engine_options(ray, ray_workers, ray_gpus)
         model = models[0]
         if len(models) > 1 or model.is_dir():
             scan_folder(models[0] if len(models) == 1 else models, calib, settings, cli, defaults, evidence,
-                        skip_unscannable, json_out, sarif, summary, html_out, quiet)
+                        skip_unscannable, json_out, sarif, summary, html_out, quiet, engine=engine)
         triton = read_triton(model)
         values = effective(settings, model, cli, defaults, None if triton is None else triton.size())
         config, evidence, fail_on_suspect = scan_options(values, evidence)
+        config = dataclasses.replace(config, engine=engine)
         report = record_settings(scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet)),
                                  values, settings)
         outcome = judge(report, allowlist=settings.allowlist, fail_on_suspect=fail_on_suspect,

@@ -11,6 +11,7 @@ from rich.table import Table
 from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.scan_many import scan_many
 from onnx_linf.commands.settings import KEYS, Settings
+from onnx_linf.measure.engine import EngineOptions
 from onnx_linf.report.many import ModelOutcome, ScanManyReport
 
 from .console import BarProgress, console, write_json
@@ -56,14 +57,15 @@ def outcomes_table(report: ScanManyReport) -> Table:
 
 def scan_folder(root: Path | list[Path], calib: Path, settings: Settings, cli: dict, defaults: dict,
                 evidence: Evidence | None, skip_unscannable: bool, json_out: str | None, sarif: Path | None,
-                summary: Path | None, html_out: Path | None, quiet: bool) -> None:
+                summary: Path | None, html_out: Path | None, quiet: bool, engine: EngineOptions | None = None) -> None:
     """Scan every model under `root`, write the requested files, print the table, exit with the worst code."""
     def started(m: ModelOutcome) -> None:
         if not quiet:
             console.print(f"[dim]{m.path}: {m.outcome}[/]")
 
     report = scan_many(root, calib, settings=settings, cli=cli, defaults=defaults, evidence=evidence,
-                       skip_unscannable=skip_unscannable, progress=BarProgress(quiet), on_model=started)
+                       skip_unscannable=skip_unscannable, progress=BarProgress(quiet), on_model=started,
+                       engine=engine)
     write_json(json_out, report.to_json())
     write_sarif(sarif, report)
     write_summary(summary, report)

@@ -87,6 +87,9 @@ def sweep_command(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of both curves.")] = None,
     batch_size: o.BatchSize = 64,
     provider: o.Provider = "auto",
+    ray: o.RayFlag = False,
+    ray_workers: o.RayWorkers = None,
+    ray_gpus: o.RayGpus = 0.0,
     limit: o.Limit = None,
     size: o.Size = None,
     layout: o.Layout = None,
@@ -104,7 +107,7 @@ def sweep_command(
         evidence = (Evidence(synthesize=o.synth_config(classes, seed, max_queries, time_limit)) if synthesize
                     else Evidence(trigger=trigger, mask=mask))
         config = ScanConfig(layers=o.parse_layers(layers), score=score, stats=(score,), batch_size=batch_size,
-                            provider=provider, limit=limit,
+                            provider=provider, limit=limit, engine=o.engine_options(ray, ray_workers, ray_gpus),
                             preprocess=o.preprocess_options(size, layout, channels, scale, mean, std))
         result = sweep_model(model, calib, config, evidence=evidence, labels=labels,
                              target=target, ratios=parse_ratios(ratios), max_acc_drop=max_acc_drop,

@@ -53,6 +53,10 @@ class RuntimeSessionError(LinfError):
     """ONNX Runtime could not create a session or run the model with the requested provider."""
 
 
+class EngineError(LinfError):
+    """The distributed engine cannot run: the ray extra is missing, or the cluster cannot be reached."""
+
+
 class RewriteError(LinfError):
     """Graph surgery could not be applied (unknown tensor, channel out of range...)."""
 

@@ -11,6 +11,7 @@ import onnx
 from ..decide.bounds import map_bound, stats_for, topk_for_quantile
 from ..errors import UsageError
 from ..measure.calibrate import Progress
+from ..measure.engine import EngineOptions
 from ..measure.preprocess import Preprocess
 from ..measure.probe import Probe
 from ..measure.sources import DataSource
@@ -22,8 +23,8 @@ from ..report.visuals import Visuals
 from ..rewrite.clamp import ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
-from .common import (MIN_AGREEMENT, lift_for_clamp, load_with_weights, open_calibration, require_agreement,
-                     verify_inputs)
+from .common import (MIN_AGREEMENT, calibration_section, lift_for_clamp, load_with_weights, make_engine,
+                     open_calibration, require_agreement, verify_inputs)
 from .options import PreprocessOptions
 
 
@@ -51,6 +52,8 @@ class ClampConfig:
     """Calibration images the verification runs on."""
     min_agreement: float = MIN_AGREEMENT
     """Refuse to write when fewer verification images keep their top-1 class (`common.MIN_AGREEMENT`)."""
+    engine: EngineOptions | str = "local"
+    """Where the bounds' statistics are computed: ``local``, ``ray``, or `EngineOptions`."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
             notes.append(f"{tap.name}: spatial size is dynamic, bounded per channel")
         granularity[tap.name] = g
         per_tap[tap.name] = stats_for(g, two_sided=not tap.non_negative)
-    probe = Probe(model, taps, (), config.provider, per_tap_stats=per_tap, topk=k)
+    engine = make_engine(config.engine)
+    probe = Probe(model, taps, (), config.provider, per_tap_stats=per_tap, topk=k, engine=engine)
     stats = probe.measure(source, preprocess, config.batch_size, progress=progress)
     bounds = [map_bound(tap, stats[tap.name], granularity[tap.name], config.margin) for tap in taps]
 
@@ -126,7 +130,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         save_model(proto, output, external_data=model.has_external_data)
     report = ClampReport(
         model=ModelInfo.of(model), provider=probe.provider, preprocess=preprocess.to_dict(),
-        calibration={"source": source.description, "images": len(source), "batch_size": config.batch_size},
+        calibration=calibration_section(source, config.batch_size, engine=engine),
         config={"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
                 "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k},
         maps=[ClampMapReport(b.tap, b.granularity, b.lo is not None, int(b.hi.size), float(b.hi.mean()),

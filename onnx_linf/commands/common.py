@@ -18,7 +18,9 @@ from ..decide.flag import Flagged
 from ..errors import RewriteError, VerificationError
 from ..measure.budget import check_batch_memory
 from ..measure.calibrate import model_tensor
+from ..measure.engine import Engine, EngineOptions, LocalEngine
 from ..measure.preprocess import Preprocess
+from ..measure.ray_engine import RayEngine
 from ..measure.session import create_session
 from ..measure.sources import DataSource, open_source
 from ..model.load import Model
@@ -51,11 +53,28 @@ def open_calibration(model: Model, calib: str | os.PathLike | DataSource, prepro
     return open_source(calib, preprocess, limit=limit, input_name=model.input.name)
 
 
-def calibration_section(source: DataSource, batch_size: int, batch_note: str | None = None) -> dict:
-    """The report's record of the calibration data."""
+def make_engine(options: EngineOptions | str | None) -> Engine:
+    """The engine calibration runs on (``local``: this process; ``ray``: Ray actors, see `ray_engine`).
+
+    Raises:
+        UsageError: inconsistent engine options.
+    """
+    options = EngineOptions.of(options)
+    options.validate()
+    if options.name == "ray":
+        return RayEngine(options)
+    return LocalEngine(options.threads)
+
+
+def calibration_section(source: DataSource, batch_size: int, batch_note: str | None = None,
+                        engine: Engine | None = None) -> dict:
+    """The report's record of the calibration data (and of the engine, when it is not this process)."""
     out = {"source": source.description, "images": len(source), "batch_size": batch_size}
     if batch_note:
         out["batch_size_reason"] = batch_note
+    described = None if engine is None else engine.describe()
+    if described is not None:
+        out["engine"] = described
     return out
 
 

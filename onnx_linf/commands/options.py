@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..decide.flag import SCORE_STATS
 from ..errors import UsageError
+from ..measure.engine import EngineOptions
 from ..measure.instrument import CHANNEL_STATS, DEFAULT_STATS
 from ..measure.preprocess import Preprocess
 from ..model.load import Model
@@ -58,9 +59,12 @@ class ScanConfig:
     """Use at most this many calibration images."""
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     """Preprocessing overrides."""
+    engine: EngineOptions | str = "local"
+    """Where statistics are computed: ``local``, ``ray``, or `EngineOptions` (workers, CPUs/GPUs per worker)."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
+        EngineOptions.of(self.engine).validate()
         if self.policy not in ("ratio", "outliers"):
             raise UsageError(f"unknown policy {self.policy!r}: use ratio or outliers")
         if not 0.0 < self.ratio < 1.0:

@@ -26,8 +26,16 @@ from ..rewrite.graph import check_rewritable
 from ..rewrite.reference import mask_reference
 from ..rewrite.verify import require_ok, verify_model
 from ..rewrite.zero import zero_channels
-from .common import (MIN_AGREEMENT, calibration_section, load_with_weights, open_calibration, policy_section,
-                     require_agreement, verify_inputs)
+from .common import (
+    MIN_AGREEMENT,
+    calibration_section,
+    load_with_weights,
+    make_engine,
+    open_calibration,
+    policy_section,
+    require_agreement,
+    verify_inputs,
+)
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .options import ScanConfig
 from .ratio import RESIDUAL_ASR, SweepResult, sweep
@@ -117,6 +125,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         check_output_path(output, [model.path], force)
     preprocess = scan_cfg.preprocess.resolve(model)
     source = open_calibration(model, calib, preprocess, scan_cfg.limit)
+    engine = make_engine(scan_cfg.engine)
 
     if from_report is not None:
         report_in = load_report(from_report)
@@ -127,7 +136,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         if not wanted:
             raise UsageError(f"{from_report} flags no channels: nothing to prune")
         taps = find_taps(model, list(wanted))
-        probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider)
+        probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider, engine=engine)
         clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
         flagged = from_channels(wanted, policy="report", score=report_in.policy.get("score", "from report"),
                                 evidence=bool(report_in.policy.get("evidence")),
@@ -143,7 +152,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                     "trigger synthesis suspects no target class: there is no evidence to prune by "
                     f"({synthesis_verdict(evidence.synthesis)[1]})",
                     hint="if you know the trigger, pass --trigger/--mask; the clamp needs no trigger")
-        probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider)
+        probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider, engine=engine)
         clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)
         ev_stats = None
         if evidence is not None:
@@ -192,7 +201,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         model=ModelInfo.of(model),
         provider=probe.provider,
         preprocess=preprocess.to_dict(),
-        calibration=calibration_section(source, scan_cfg.batch_size),
+        calibration=calibration_section(source, scan_cfg.batch_size, engine=engine),
         policy=dict(policy_section(scan_cfg, flagged, [t.name for t in taps]),
                     ratio_chosen_by=None if swept is None else f"sweep, max accuracy drop {config.max_acc_drop:g}"),
         taps=tap_reports(taps, clean, flagged, ev_stats),

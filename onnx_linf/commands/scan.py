@@ -16,7 +16,7 @@ from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ModelInfo, ScanReport, tap_reports
 from ..report.visuals import Visuals
-from .common import calibration_section, open_calibration, policy_section
+from .common import calibration_section, make_engine, open_calibration, policy_section
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .options import ScanConfig
 
@@ -58,7 +58,9 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     suspects = evidence is not None and evidence.suspect is not None
     # With suspect images, also measure the clean per-position range: how far suspects leave it is
     # the clamp's view of the same evidence (a test-time signal that needs no trigger).
-    probe = Probe(model, taps, config.measured_stats + (POSITION_STATS if suspects else ()), config.provider)
+    engine = make_engine(config.engine)
+    probe = Probe(model, taps, config.measured_stats + (POSITION_STATS if suspects else ()), config.provider,
+                  engine=engine)
     batch_note = None
     if config.batch_size == "auto":
 
@@ -105,7 +107,7 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         model=ModelInfo.of(model),
         provider=probe.provider,
         preprocess=preprocess.to_dict(),
-        calibration=calibration_section(source, config.batch_size, batch_note),
+        calibration=calibration_section(source, config.batch_size, batch_note, engine),
         policy=policy_section(config, flagged, config.layers if isinstance(config.layers, str)
                                else list(config.layers)),
         taps=tap_reports(taps, clean, flagged, ev_stats),

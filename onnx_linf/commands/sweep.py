@@ -12,6 +12,7 @@ from ..measure.probe import Probe
 from ..measure.sources import DataSource, open_source
 from ..model.load import Model, load_model
 from ..model.taps import find_taps
+from .common import make_engine
 from .evidence import Evidence, resolve_evidence, synthesis_verdict
 from .options import ScanConfig
 from .ratio import RATIO_GRID, SweepResult, sweep
@@ -52,7 +53,7 @@ def sweep_model(model_path: str | os.PathLike | Model, calib: str | os.PathLike 
         raise CalibrationDataError("the sweep needs labelled data: pass --labels (an .npz with x and y, or a "
                                    "folder with one subfolder per class)")
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
-    probe = Probe(model, taps, (config.score,), config.provider)
+    probe = Probe(model, taps, (config.score,), config.provider, engine=make_engine(config.engine))
     clean = probe.measure(source, preprocess, config.batch_size, progress=progress)
     stamped = probe.measure(source, preprocess, config.batch_size, trigger, progress)
     return sweep(model, taps, clean, stamped, labelled, preprocess, trigger, target=target, score=config.score,

@@ -7,6 +7,7 @@ tensor. Array sources may also yield already-preprocessed float tensors.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,13 @@ class DataSource:
     def has_labels(self) -> bool:
         """True when batches carry labels."""
         return False
+
+    def shard(self, start: int, stop: int) -> DataSource | None:
+        """Samples ``start:stop`` as a source of their own, for engines that measure shards apart.
+
+        None: this source cannot be cut without reading it (a data-loader script).
+        """
+        return None
 
 
 #: Largest image (decoded or resized to) in pixels: Pillow's decompression-bomb limit, so a file that
@@ -138,6 +146,14 @@ class ImageFolder(DataSource):
     @property
     def has_labels(self) -> bool:
         return self.labels is not None
+
+    def shard(self, start: int, stop: int) -> ImageFolder:
+        # A shard is the same folder with a slice of its (sorted) file list: only paths travel.
+        out = copy.copy(self)
+        out.files = self.files[start:stop]
+        out.labels = None if self.labels is None else self.labels[start:stop]
+        out.description = f"images {start}:{stop} of {self.description}"
+        return out
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         size, mode = self.size, self.mode
@@ -240,6 +256,9 @@ class ArraySource(DataSource):
     def has_labels(self) -> bool:
         return self.y is not None
 
+    def shard(self, start: int, stop: int) -> ArraySource:
+        return _slice(self, start, stop)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         for i in range(0, len(self.x), batch_size):
             data = self.x[i:i + batch_size]
@@ -268,10 +287,22 @@ class FeedSource(DataSource):
     def has_labels(self) -> bool:
         return self.y is not None
 
+    def shard(self, start: int, stop: int) -> FeedSource:
+        return _slice(self, start, stop)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         for i in range(0, len(self.x), batch_size):
             yield Batch(tensor=self.x[i:i + batch_size],
                         labels=None if self.y is None else self.y[i:i + batch_size])
+
+
+def _slice(source, start: int, stop: int):
+    """A copy of an in-memory source holding samples ``start:stop`` (views, not copies, of its arrays)."""
+    out = copy.copy(source)
+    out.x = source.x[start:stop]
+    out.y = None if source.y is None else source.y[start:stop]
+    out.description = f"samples {start}:{stop} of {source.description}"
+    return out
 
 
 class ScriptSource(DataSource):
