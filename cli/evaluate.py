@@ -42,6 +42,9 @@ def evaluate_command(
     target: Target = None,
     batch_size: o.BatchSize = 64,
     provider: o.Provider = "auto",
+    ray: o.RayFlag = False,
+    ray_workers: o.RayWorkers = None,
+    ray_gpus: o.RayGpus = 0.0,
     limit: o.Limit = None,
     size: o.Size = None,
     layout: o.Layout = None,
@@ -61,7 +64,7 @@ def evaluate_command(
         done = evaluate_model(model, data, trigger=trigger, mask=mask, target=target, batch_size=batch_size,
                               provider=provider, limit=limit,
                               preprocess=o.preprocess_options(size, layout, channels, scale, mean, std),
-                              progress=BarProgress(quiet))
+                              progress=BarProgress(quiet), engine=o.engine_options(ray, ray_workers, ray_gpus))
         result = done.evaluation
         write_json(json_out, done.report.to_json())
     if not quiet:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ from typer.testing import CliRunner
 
 from onnx_linf.cli.app import app
 from onnx_linf.commands.clamp import ClampConfig, clamp
+from onnx_linf.commands.evaluate import evaluate_model
 from onnx_linf.commands.options import PreprocessOptions, ScanConfig
 from onnx_linf.commands.scan import scan
 from onnx_linf.commands.scan_many import scan_many
@@ -163,6 +166,15 @@ def test_scan_and_clamp_through_ray(cluster, fixtures_dir):
     assert got.report.calibration["engine"]["passes"][0]["images_per_shard"] == [100, 100, 100]
 
 
+def test_evaluate_on_ray_counts_the_same(cluster, fixtures_dir):
+    args = dict(trigger=fixtures_dir / "digits_badnets_trigger.png", mask=fixtures_dir / "digits_badnets_mask.png",
+                target=0, limit=250)
+    local = evaluate_model(fixtures_dir / "digits_badnets.onnx", fixtures_dir / "digits_test.npz", **args)
+    sharded = evaluate_model(fixtures_dir / "digits_badnets.onnx", fixtures_dir / "digits_test.npz", **args,
+                             engine=EngineOptions("ray", workers=2, shards=3))
+    assert sharded.evaluation == local.evaluation  # integer counts: exact
+
+
 def position_clamp(**options) -> ClampConfig:
     """The position clamp alone: a channel-mean bound, where there is one, is cross-fitted in this process."""
     if "bounds" in {f.name for f in dataclasses.fields(ClampConfig)}:
@@ -229,6 +241,28 @@ def test_killed_worker_is_retried_and_exact(cluster, model_file):
     assert run.shards == 12 and sum(run.images_per_shard) == 365
     # Unfinished shards came back from restarted actors: processes that were not alive at the kill.
     assert set(run.shard_workers) - set(killer.alive), run
+
+
+def scaling_commands() -> list[str]:
+    """The onnx-linf commands of the README's "Scaling out" section."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, flags=re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("onnx-linf ")]
+
+
+def test_readme_scaling_commands_run(cluster, fixtures_dir, tmp_path, monkeypatch):
+    commands = scaling_commands()
+    assert len(commands) == 3 and all("--ray" in c for c in commands)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "fixtures").symlink_to(fixtures_dir)
+    (tmp_path / "models").mkdir()
+    shutil.copy(fixtures_dir / "digits_clean.onnx", tmp_path / "models" / "digits_clean.onnx")
+    for command in commands:
+        result = runner.invoke(app, shlex.split(command)[1:])
+        assert result.exit_code == 0, f"{command}\n{result.stderr}"
+    assert (tmp_path / "safe.onnx").is_file()
 
 
 def test_folder_scan_one_task_per_model_equals_serial(cluster, fixtures_dir, tmp_path):

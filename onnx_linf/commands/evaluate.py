@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from ..measure.accuracy import Evaluation, evaluate, open_labelled
 from ..measure.calibrate import Progress
+from ..measure.engine import EngineOptions
 from ..measure.preprocess import Trigger
 from ..model.load import Model, load_model
 from ..report.types import EvaluationReport
+from .common import make_engine
 from .options import PreprocessOptions
 
 
@@ -28,7 +30,7 @@ def evaluate_model(model_path: str | os.PathLike | Model, data: str | os.PathLik
                    trigger: str | os.PathLike | None = None, mask: str | os.PathLike | None = None,
                    target: int | None = None, batch_size: int = 64, provider: str = "auto",
                    limit: int | None = None, preprocess: PreprocessOptions | None = None,
-                   progress: Progress | None = None) -> EvaluateResult:
+                   progress: Progress | None = None, engine: EngineOptions | str | None = None) -> EvaluateResult:
     """Measure clean accuracy and, with `trigger` (and `mask`) and `target`, the attack success rate.
 
     ASR = fraction of images whose true label is not the target that are classified as the target
@@ -47,7 +49,7 @@ def evaluate_model(model_path: str | os.PathLike | Model, data: str | os.PathLik
     trig = Trigger.from_files(trigger, mask, pre) if trigger is not None else None
     source = open_labelled(data, pre, limit)
     result = evaluate(model, source, pre, trigger=trig, target=target, batch_size=batch_size, provider=provider,
-                      progress=progress)
+                      progress=progress, engine=make_engine(engine))
     report = EvaluationReport(model=str(model_path if not isinstance(model_path, Model) else model.path),
                               sha256=model.sha256, data=str(data), preprocess=pre.to_dict(),
                               evaluation=result.to_dict())

@@ -16,8 +16,9 @@ import onnx
 from ..errors import CalibrationDataError, UsageError
 from ..model.load import Model
 from .calibrate import Progress, model_tensor
+from .engine import Engine, LocalEngine, SessionSpec
 from .preprocess import Preprocess, Trigger
-from .session import create_session
+from .session import Session, create_session
 from .sources import DataSource, open_source
 
 
@@ -58,9 +59,60 @@ def open_labelled(path: str | os.PathLike, preprocess: Preprocess, limit: int | 
     return source
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Partial result of an evaluation: integer counts, so shards add up exactly."""
+
+    correct: int = 0
+    total: int = 0
+    hits: int = 0
+    counted: int = 0
+    provider: str = ""
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.correct + other.correct, self.total + other.total, self.hits + other.hits,
+                      self.counted + other.counted, self.provider or other.provider)
+
+
+@dataclass(frozen=True)
+class AccuracyJob:
+    """Top-1 hits on clean (and trigger-stamped) labelled images, as an engine job."""
+
+    trigger: Trigger | None = None
+    target: int | None = None
+
+    def run(self, session: Session, source: DataSource, preprocess: Preprocess, batch_size: int,
+            progress: Progress | None = None) -> Counts:
+        progress = progress or Progress()
+        progress.start("evaluate", len(source))
+        correct = total = hits = counted = 0
+        target = self.target
+        try:
+            for batch in source.batches(batch_size):
+                logits = session.run(None, model_tensor(batch, preprocess))[0]
+                if target is not None and not 0 <= target < logits.shape[-1]:
+                    raise UsageError(f"--target {target} is not a class of this model (0..{logits.shape[-1] - 1})")
+                labels = batch.labels
+                correct += int((logits.argmax(axis=-1) == labels).sum())
+                total += len(labels)
+                if self.trigger is not None:
+                    keep = labels != target
+                    if keep.any():
+                        stamped = session.run(None, model_tensor(batch, preprocess, self.trigger))[0]
+                        hits += int((stamped.argmax(axis=-1)[keep] == target).sum())
+                        counted += int(keep.sum())
+                progress.advance(len(labels))
+        finally:
+            progress.finish()
+        return Counts(correct, total, hits, counted, session.provider)
+
+    def merge(self, a: Counts, b: Counts) -> Counts:
+        return a + b
+
+
 def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger: Trigger | None = None,
              target: int | None = None, proto: onnx.ModelProto | None = None, batch_size: int = 64,
-             provider: str = "auto", progress: Progress | None = None) -> Evaluation:
+             provider: str = "auto", progress: Progress | None = None, engine: Engine | None = None) -> Evaluation:
     """Measure clean accuracy and, with a trigger and target, the attack success rate.
 
     Args:
@@ -73,6 +125,7 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
         batch_size: images per ORT run.
         provider: ORT provider.
         progress: progress sink.
+        engine: where the images run (default: this process); counts merge exactly.
 
     Raises:
         UsageError: a trigger without a target, or a target outside the model's classes.
@@ -82,35 +135,17 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
         raise CalibrationDataError("evaluation needs labelled data")
     if (trigger is None) != (target is None):
         raise UsageError("--trigger and --target go together")
-    session = create_session(model, proto, provider)
-    progress = progress or Progress()
-    progress.start("evaluate", len(data))
-    correct = total = hits = counted = 0
-    try:
-        for batch in data.batches(batch_size):
-            logits = session.run(None, model_tensor(batch, preprocess))[0]
-            if target is not None and not 0 <= target < logits.shape[-1]:
-                raise UsageError(f"--target {target} is not a class of this model (0..{logits.shape[-1] - 1})")
-            labels = batch.labels
-            correct += int((logits.argmax(axis=-1) == labels).sum())
-            total += len(labels)
-            if trigger is not None:
-                keep = labels != target
-                if keep.any():
-                    stamped = session.run(None, model_tensor(batch, preprocess, trigger))[0]
-                    hits += int((stamped.argmax(axis=-1)[keep] == target).sum())
-                    counted += int(keep.sum())
-            progress.advance(len(labels))
-    finally:
-        progress.finish()
+    engine = engine or LocalEngine()
+    c = engine.run(AccuracyJob(trigger, target), SessionSpec(model, proto, provider), data, preprocess, batch_size,
+                   progress)
     return Evaluation(
-        images=total,
-        accuracy=correct / total if total else float("nan"),
-        asr=(hits / counted if counted else float("nan")) if trigger is not None else None,
-        asr_images=counted,
+        images=c.total,
+        accuracy=c.correct / c.total if c.total else float("nan"),
+        asr=(c.hits / c.counted if c.counted else float("nan")) if trigger is not None else None,
+        asr_images=c.counted,
         target=target,
         trigger=None if trigger is None else trigger.description,
-        provider=session.provider,
+        provider=c.provider,
     )
 
 

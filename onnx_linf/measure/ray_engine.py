@@ -121,6 +121,16 @@ class _WorkerSpec:
     source: DataSource
     preprocess: Preprocess
     batch_size: int
+    cwd: str
+    """The driver's working directory: relative model and data paths resolve against it."""
+
+
+def _enter(cwd: str) -> None:
+    """Work in the driver's folder where this node has it (on a cluster: a shared file system)."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    else:
+        log.warning("%s does not exist on this node: relative paths resolve against %s", cwd, os.getcwd())
 
 
 class ShardWorker:
@@ -128,6 +138,7 @@ class ShardWorker:
 
     def __init__(self, spec: _WorkerSpec) -> None:
         self.spec = spec
+        _enter(spec.cwd)  # this actor process serves only this pass
         self.session: Session = create_session(spec.model, onnx.ModelProto.FromString(spec.payload), spec.provider,
                                                threads=spec.threads)
 
@@ -207,7 +218,7 @@ class RayEngine(Engine):
             provider = "cuda" if gpus > 0 else "cpu"
         light = dataclasses.replace(spec.model, proto=onnx.ModelProto())
         wspec = _WorkerSpec(light, spec.payload(), provider, self.worker_threads, job, source, preprocess,
-                            batch_size)
+                            batch_size, os.getcwd())
         # One row per shard, built on the driver: from_items starts no tasks (ray.data.range's read
         # tasks and from_numpy's conversion tasks each need a CPU, which the actors may all hold).
         bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(images), shards)])
@@ -248,7 +259,7 @@ class RayEngine(Engine):
         task = ray.remote(num_cpus=self.options.cpus_per_worker, num_gpus=self.options.gpus_per_worker,
                           max_retries=MAX_RETRIES)(_apply)
         fn_ref = ray.put(fn)  # once, not once per task
-        refs = [task.remote(fn_ref, item) for item in items]
+        refs = [task.remote(fn_ref, item, os.getcwd()) for item in items]
         try:
             return ray.get(refs)
         except Exception as exc:
@@ -261,9 +272,14 @@ class RayEngine(Engine):
                 "passes": [r.to_dict() for r in self.runs]}
 
 
-def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
-    """A folder-scan task: ``fn(item)`` (`ray.remote` takes plain functions, not partials)."""
-    return fn(item)
+def _apply(fn: Callable[[Any], Any], item: Any, cwd: str) -> Any:
+    """A folder-scan task: ``fn(item)`` in the driver's folder (`ray.remote` takes no partials)."""
+    before = os.getcwd()
+    _enter(cwd)
+    try:
+        return fn(item)
+    finally:
+        os.chdir(before)  # task processes are reused
 
 
 def _unwrap(exc: BaseException) -> BaseException:
