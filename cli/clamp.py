@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from onnx_linf.commands.clamp import ClampConfig, clamp
+from onnx_linf.commands.clamp import DEFAULT_POWER, ClampConfig, clamp
 from onnx_linf.commands.common import MIN_AGREEMENT
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.accuracy import before_after, open_labelled
@@ -35,6 +35,20 @@ def clamp_command(
     quantile: Annotated[float, typer.Option(help="Bound = this percentile of clean values (100 = max: the "
                                             "clamp is then the identity on the calibration images).")] = 100.0,
     margin: Annotated[float, typer.Option(help="Widen each bound by margin * |bound| (headroom).")] = 0.0,
+    bounds: Annotated[str, typer.Option(help="Bounds to apply, comma-separated: position (the l-inf clamp) "
+                                        "and/or channel-mean (per-image channel means, for triggers spread "
+                                        "over the whole image).")] = "position,channel-mean",
+    strength: Annotated[str, typer.Option(help="Channel-mean bound: 'auto' (cross-fitted on the calibration "
+                                          "images) or the percentile of clean channel means to bound at.")]
+    = "auto",
+    power: Annotated[float, typer.Option(help="Exponent p of the channel-mean scale min(bound / mean, 1)^p.")]
+    = DEFAULT_POWER,
+    strength_budget: Annotated[float, typer.Option(help="--strength auto: the estimated accuracy drop (fraction, "
+                                                   "label-free, cross-fitted) the channel-mean bound may add to "
+                                                   "the position clamp's.")] = ClampConfig.slack,
+    score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
+                                               "[N]: a per-image anomaly score from the same forward pass.")]
+    = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")]
     = False,
     eval_data: EvalData = None,
@@ -72,7 +86,10 @@ def clamp_command(
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
         config = ClampConfig(layers=o.parse_layers(layers), granularity=granularity, quantile=quantile,
                              margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
-                             min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus))
+                             min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
+                             bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
+                             slack=strength_budget,
+                             score_output=score_output)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -92,6 +109,11 @@ def clamp_command(
         v = report.verification
         if v is not None:
             console.print(f"[bold]verified[/] {', '.join(f'{k}: {val}' for k, val in v['checks'].items())}")
+        if report.strength is not None:
+            console.print(strength_line(report.strength))
+        if report.score is not None and report.score["threshold_1pct"] is not None:
+            console.print(f"score output [bold]{report.score['output']}[/]: 1% of held-out clean images score "
+                          f"above {report.score['threshold_1pct']:.3g}")
         console.print(f"calibration predictions unchanged: {100 * report.calibration_agreement:.1f}%")
         if ev is not None:
             console.print(evaluation_table([("original", ev["before"]), ("clamped", ev["after"])]))
@@ -104,11 +126,42 @@ def bounds_table(report: ClampReport) -> Table:
     cfg = report.config
     table = Table(title=f"{len(report.maps)} maps bounded: {cfg['granularity']} granularity, "
                         f"quantile {cfg['quantile']:g}, margin {cfg['margin']:g}", title_justify="left")
-    for col in ("map", "granularity", "bounds", "two-sided", "mean τ", "max τ"):
+    for col in ("map", "granularity", "bounds", "two-sided", "mean τ", "max τ", "channel means", "acts on"):
         table.add_column(col)
+    fmt = lambda v, f=".3g": "" if v is None else format(v, f)  # noqa: E731
     for mp in report.maps:
         table.add_row(mp.tap, mp.granularity, str(mp.elements), "yes" if mp.two_sided else "",
-                      f"{mp.hi_mean:.3g}", f"{mp.hi_max:.3g}")
+                      fmt(mp.hi_mean), fmt(mp.hi_max), mp.mean_bound or "",
+                      "" if mp.mean_scaled is None else f"{100 * mp.mean_scaled:.2f}%")
     return table
+
+
+def parse_bounds(value: str) -> tuple[str, ...]:
+    """'position,channel-mean' -> ('position', 'channel-mean')."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def parse_strength(value: str) -> float | str:
+    """'auto' or a percentile."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"--strength takes 'auto' or a percentile in (0, 100], got {value!r}") from None
+
+
+def strength_line(strength: dict) -> str:
+    """How the channel-mean strength was chosen, in one line."""
+    if strength["mode"] == "fixed":
+        return (f"channel-mean bound at the {strength['quantile']:g}th percentile of clean means, "
+                f"p = {strength['power']:g}")
+    rows = {r["quantile"]: r for r in strength["candidates"]}
+    row = rows[strength["quantile"]]
+    cost = "estimated accuracy drop" if strength["rule"] == "softmax" else "changed predictions"
+    return (f"channel-mean strength [bold]auto[/]: percentile {strength['quantile']:g} (p = {strength['power']:g}), "
+            f"the lowest of {', '.join(f'{q:g}' for q in rows)} whose held-out {cost} stays within "
+            f"{100 * strength['slack']:g} pt of percentile 100 ({strength['folds']}-fold cross-fit: "
+            f"{100 * row['changed']:.2f}% changed, est. drop {100 * row['estimated_drop']:.2f} pt)")
 
 

@@ -36,10 +36,13 @@ def pixel_source(tmp_path, n, h, w, c, seed=0):
     return tmp_path / "calib.npy", x
 
 
-def test_identity_on_calibration_set_bitwise(fixtures_dir):
-    """At q=100 the clamp never changes a value it was fitted on: Min(a, max(a)) == a exactly."""
+@pytest.mark.parametrize("bounds", [("position",), ("position", "channel-mean")])
+def test_identity_on_calibration_set_bitwise(fixtures_dir, bounds):
+    """At q=100 the clamp never changes a value it was fitted on: Min(a, max(a)) == a exactly, and
+    a channel whose mean is within its bound is multiplied by exactly 1."""
     model = load_model(fixtures_dir / "digits_badnets.onnx")
-    result = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", batch_size=50))
+    result = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", batch_size=50, bounds=bounds,
+                                                                      strength=100.0))
     pp = Preprocess.from_model(model)
     x = np.concatenate([pp.apply(b.pixels) for b in ImageFolder(fixtures_dir / "digits_calib", pp.size, "L")
                         .batches(100)])
@@ -63,7 +66,7 @@ def test_two_sided_on_negative_map(model_file, tmp_path):
     """LeakyRelu maps go negative: they get Max(a, lo) as well, and stay the identity on calibration data."""
     model = load_model(model_file(models.nhwc_input()))
     calib, x = pixel_source(tmp_path, 16, 8, 8, 3)
-    result = clamp(model, calib, ClampConfig(provider="cpu"))
+    result = clamp(model, calib, ClampConfig(provider="cpu", bounds=("position",)))
     sided = {b.tap: b.lo is not None for b in result.bounds}
     assert sided == {"lrelu_out": True, "relu2_out": False}
     lo = result.bounds[0].lo

@@ -87,7 +87,7 @@ def test_float16_badnets_scan_clamp_and_prune(fixtures_dir, tmp_path):
     assert all(v["images"] == 64 and v["max_relative_excess"] > 0.1 for v in exceed.values()), exceed
 
     out = tmp_path / "clamped.onnx"
-    clamp = runner.invoke(app, [str(a) for a in ["clamp", path, "--calib", calib, "-o", out, "-q",
+    clamp = runner.invoke(app, [str(a) for a in ["clamp", path, "--calib", calib, "-o", out, "-q", "--strength", "100",
                                                    "--json", tmp_path / "clamp.json", "--eval-data",
                                                    fixtures_dir / "digits_test.npz", *evidence, "--target", "0"]])
     assert clamp.exit_code == 0, clamp.stderr

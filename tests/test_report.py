@@ -42,6 +42,11 @@ def test_scan_suspect_reports_bound_exceedance(fixtures_dir, tmp_path):
     assert set(s) == {"relu1_out", "relu2_out", "relu3_out"} and s["relu3_out"]["images"] == 60
     for tap in s:
         assert s[tap]["mean_relative_excess"] > 5 * c[tap]["mean_relative_excess"]
+    # The clamp's per-image anomaly score, against the clean maxima: triggered suspects score far
+    # above held-out clean images (which may leave the clean envelope a little: they are new data).
+    a, b = sus.extra["anomaly_score"], cln.extra["anomaly_score"]
+    assert a["images"] == b["images"] == 60
+    assert a["above_floor"] == 1.0 and a["median"] > 5 * b["median"]
 
 
 def test_report_rejects_foreign_json(tmp_path):

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ..decide.bounds import map_bound, stats_for, topk_for_quantile
+from ..decide.bounds import MapBound, topk_for_quantile
+from ..decide.strength import DEFAULT_GRID, StrengthRow, choose, exceeded, validate_grid
 from ..errors import UsageError
 from ..measure.calibrate import Progress
 from ..measure.engine import EngineOptions
+from ..measure.folds import measure_folds
 from ..measure.preprocess import Preprocess
 from ..measure.probe import Probe
 from ..measure.sources import DataSource
@@ -20,12 +22,29 @@ from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ClampMapReport, ClampReport, ModelInfo
 from ..report.visuals import Visuals
-from ..rewrite.clamp import ClampBound, clamp_maps
+from ..rewrite.clamp import SCORE_OUTPUT, ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
-from .common import (MIN_AGREEMENT, calibration_section, lift_for_clamp, load_with_weights, make_engine,
-                     open_calibration, require_agreement, verify_inputs)
+from .common import (
+    MIN_AGREEMENT,
+    calibration_section,
+    lift_for_clamp,
+    load_with_weights,
+    make_engine,
+    open_calibration,
+    require_agreement,
+    verify_inputs,
+)
+from .crossfit import MapPlan, bounds_at, cross_fit, held_out_scaled, image_topk
 from .options import PreprocessOptions
+
+#: The two kinds of bound (both by default).
+BOUND_KINDS = ("position", "channel-mean")
+#: Default exponent of the channel-mean scale factor. Measured (FINDINGS in the clamp notes of the
+#: README): p = 2 leaves full-image triggers working (digits Blended 80%, VGG SIG 85% ASR at q 99),
+#: harder gating removes more; p = 6 was the knee on the CIFAR VGG (Blended 7.1 -> 2.9% for
+#: -1 pt ACC; p = 16 costs 2.3 pt).
+DEFAULT_POWER = 6.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,53 @@ class ClampConfig:
     min_agreement: float = MIN_AGREEMENT
     """Refuse to write when fewer verification images keep their top-1 class (`common.MIN_AGREEMENT`)."""
     engine: EngineOptions | str = "local"
-    """Where the bounds' statistics are computed: ``local``, ``ray``, or `EngineOptions`."""
+    """Where the bounds' statistics are computed: ``local``, ``ray``, or `EngineOptions` (the
+    position-only clamp; the channel-mean bound's cross-fitted pass runs in this process)."""
+    bounds: tuple[str, ...] = BOUND_KINDS
+    """Which bounds: ``position`` (the ℓ∞ clamp, `granularity`) and/or ``channel-mean``."""
+    strength: float | str = "auto"
+    """Channel-mean bound: quantile (percent) of clean per-image channel means, or ``auto``
+    (cross-fitted on the calibration images, see `decide.strength`)."""
+    power: float = DEFAULT_POWER
+    """Exponent p of the channel-mean scale factor ``min(B / mean, 1)^p``."""
+    mean_layers: str = "after-first"
+    """Maps that get a channel-mean bound: ``after-first`` (every bounded map but the first conv
+    map, whose input is the image itself) or ``all``."""
+    strength_grid: tuple[float, ...] = DEFAULT_GRID
+    """Candidate strengths of ``auto``."""
+    folds: int = 5
+    """Cross-fitting folds of ``auto``."""
+    rule: str = "softmax"
+    """Cost ``auto`` bounds: ``softmax`` (estimated accuracy drop) or ``change`` (changed top-1)."""
+    slack: float = 0.01
+    """``auto`` picks the lowest strength whose held-out cost is at most the cost at 100 plus this."""
+    score_output: bool = False
+    """Add the per-image anomaly score output ``onnx_linf_score`` to the clamped model."""
+
+    def validate(self) -> None:
+        """Raise `UsageError` for inconsistent options."""
+        if self.granularity not in ("position", "channel"):
+            raise UsageError(f"--granularity must be position or channel, got {self.granularity!r}")
+        if self.margin < 0:
+            raise UsageError(f"--margin must be >= 0, got {self.margin}")
+        unknown = [b for b in self.bounds if b not in BOUND_KINDS]
+        if unknown or not self.bounds:
+            raise UsageError(f"--bounds takes {' and/or '.join(BOUND_KINDS)}, got {','.join(self.bounds) or 'nothing'}")
+        if self.strength != "auto" and not (isinstance(self.strength, (int, float)) and 0 < self.strength <= 100):
+            raise UsageError(f"--strength must be 'auto' or a quantile in (0, 100], got {self.strength!r}")
+        if not self.power > 0:
+            raise UsageError(f"--power must be > 0, got {self.power}")
+        if self.mean_layers not in ("after-first", "all"):
+            raise UsageError(f"mean_layers must be after-first or all, got {self.mean_layers!r}")
+        if self.strength == "auto" and self.folds < 2:
+            raise UsageError(f"--strength auto needs at least 2 folds, got {self.folds}")
+        validate_grid(self.strength_grid)
+        choose([StrengthRow(100.0, 0.0, 0.0, 0.0)], self.rule, self.slack)  # rule and slack
+
+    @property
+    def mean_bounds(self) -> bool:
+        """True when channel-mean bounds are applied."""
+        return "channel-mean" in self.bounds
 
 
 @dataclass(frozen=True)
@@ -63,7 +128,7 @@ class ClampResult:
     proto: onnx.ModelProto = field(repr=False)
     """The clamped model (already written when an output path was given)."""
     bounds: list = field(repr=False)
-    """`bounds.MapBound` per map."""
+    """`bounds.MapBound` per map with a position clamp."""
     records: list
     """`rewrite.ClampRecord` per map."""
     report: ClampReport
@@ -86,59 +151,121 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     """
 
     config = config or ClampConfig()
-    if config.granularity not in ("position", "channel"):
-        raise UsageError(f"--granularity must be position or channel, got {config.granularity!r}")
-    if config.margin < 0:
-        raise UsageError(f"--margin must be >= 0, got {config.margin}")
+    config.validate()
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     check_rewritable(model)  # before any calibration pass
     if output is not None:
         check_output_path(output, [model.path], force)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
     preprocess = preprocess or config.preprocess.resolve(model)
-    source = open_calibration(model, calib, preprocess, config.limit)
+    source = open_calibration(model, calib, preprocess, config.limit, taps=taps, batch_size=config.batch_size)
     k = topk_for_quantile(config.quantile, len(source))
-
-    granularity: dict[str, str] = {}
     notes: list[str] = []
-    per_tap: dict[str, tuple[str, ...]] = {}
-    for tap in taps:
-        g = config.granularity
-        if g == "position" and not tap.static_spatial:
-            g = "channel"
-            notes.append(f"{tap.name}: spatial size is dynamic, bounded per channel")
-        granularity[tap.name] = g
-        per_tap[tap.name] = stats_for(g, two_sided=not tap.non_negative)
+    plans = _plans(taps, config, notes)
+    auto = config.mean_bounds and config.strength == "auto"
+    grid = validate_grid(config.strength_grid) if auto else ()
+    fixed = None if not config.mean_bounds or auto else float(config.strength)
+
     engine = make_engine(config.engine)
-    probe = Probe(model, taps, (), config.provider, per_tap_stats=per_tap, topk=k, engine=engine)
-    stats = probe.measure(source, preprocess, config.batch_size, progress=progress)
-    bounds = [map_bound(tap, stats[tap.name], granularity[tap.name], config.margin) for tap in taps]
+    probe = Probe(model, taps, (), config.provider, per_tap_stats={p.tap.name: p.stats() for p in plans}, topk=k,
+                  engine=engine if not config.mean_bounds else None)
+    if config.mean_bounds:
+        if engine.describe() is not None:
+            notes.append("channel-mean statistics are cross-fitted in this process, not on the engine")
+        folds = measure_folds(probe, source, preprocess, config.batch_size, config.folds if auto else 1, progress,
+                              image_topk=image_topk(grid or (fixed,), len(source)))
+        stats = folds.merged()
+    else:
+        folds = None
+        stats = probe.measure(source, preprocess, config.batch_size, progress=progress)
 
     editable = lift_for_clamp(load_with_weights(model), notes)
-    proto, records = clamp_maps(editable, {b.tap: ClampBound(hi=b.hi, lo=b.lo) for b in bounds})
+    strength: dict | None = None
+    chosen = fixed
+    rows: list[StrengthRow] = []
+    if auto:
+        rows = cross_fit(editable, plans, folds, source, preprocess, config.batch_size, grid,
+                         position_quantile=config.quantile, margin=config.margin, power=config.power,
+                         provider=config.provider, progress=progress,
+                         stop=lambda done: exceeded(done, config.rule, config.slack))
+        choice = choose(rows, config.rule, config.slack)
+        chosen = choice.quantile
+        strength = {"mode": "auto", "quantile": chosen, "power": config.power, "rule": config.rule,
+                    "slack": config.slack, "folds": config.folds, "candidates": [dataclasses.asdict(r) for r in rows],
+                    "forwards": len(source) * (1 + len(rows))}
+    elif fixed is not None:
+        strength = {"mode": "fixed", "quantile": fixed, "power": config.power}
+    final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
+                      margin=config.margin, power=config.power)
+    proto, records = clamp_maps(editable, final, score_output=config.score_output)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
-    identity = config.quantile == 100.0 and config.margin == 0.0
-    # At q = 100 the clamp is the identity on the images it was fitted on, so the original model is
-    # the reference. Below 100 it is not meant to be: the check then covers structure and loading,
-    # and the report says how many calibration predictions changed.
-    result = verify_model(editable, proto, editable.proto, inputs, atol=1e-5, rtol=1e-5,
-                          provider=config.provider, exact=False) if identity else None
+    identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
+    # Where every bound is a maximum over the calibration images, the clamp is the identity on
+    # them, so the original model is the reference. Otherwise it is not meant to be: the check then
+    # covers structure and loading, and the agreement gate below how many predictions changed.
+    extra = (SCORE_OUTPUT,) if config.score_output else ()
+    result = verify_model(editable, proto, editable.proto, inputs, atol=1e-5, rtol=1e-5, provider=config.provider,
+                          exact=False, extra_outputs=extra) if identity else None
     if result is not None:
         require_ok(result)
     agreement = require_agreement(editable, proto, inputs, config.provider, config.min_agreement, "clamp")
     if output is not None:
         save_model(proto, output, external_data=model.has_external_data)
+    position = {name: b for name, b in final.items() if b.hi is not None}
+    bounds = [MapBound(p.tap.name, p.granularity, position[p.tap.name].hi, position[p.tap.name].lo)
+              for p in plans if p.tap.name in position]
+    scaled = held_out_scaled(plans, folds, chosen) if auto else {}
     report = ClampReport(
         model=ModelInfo.of(model), provider=probe.provider, preprocess=preprocess.to_dict(),
-        calibration=calibration_section(source, config.batch_size, engine=engine),
+        calibration=calibration_section(source, config.batch_size, engine=engine if not config.mean_bounds else None),
         config={"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
-                "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k},
-        maps=[ClampMapReport(b.tap, b.granularity, b.lo is not None, int(b.hi.size), float(b.hi.mean()),
-                             float(b.hi.max()), None if b.lo is None else float(b.lo.min())) for b in bounds],
+                "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k,
+                "bounds": list(config.bounds), "mean_layers": config.mean_layers},
+        maps=[_map_report(p, final.get(p.tap.name), scaled.get(p.tap.name)) for p in plans],
         notes=notes,
         verification=None if result is None else dataclasses.asdict(result),
         calibration_agreement=agreement,
         output=None if output is None else str(output),
         visuals=Visuals(bounds={b.tap: (b.hi, b.lo) for b in bounds}),
+        strength=strength,
+        score=_score_section(rows, chosen) if config.score_output else None,
     )
     return ClampResult(proto=proto, bounds=bounds, records=records, report=report)
+
+
+def _plans(taps: list, config: ClampConfig, notes: list[str]) -> list[MapPlan]:
+    """Per map: the position clamp's granularity and the channel-mean statistic, if any."""
+    plans = []
+    first_conv = next((t.name for t in taps if t.kind == "conv"), None)
+    for tap in taps:
+        g = None
+        if "position" in config.bounds:
+            g = config.granularity
+            if g == "position" and not tap.static_spatial:
+                g = "channel"
+                notes.append(f"{tap.name}: spatial size is dynamic, bounded per channel")
+        mean = None
+        if config.mean_bounds and not (config.mean_layers == "after-first" and tap.name == first_conv):
+            mean = "img_mean" if tap.non_negative else "img_pmean"
+        if g is not None or mean is not None:
+            plans.append(MapPlan(tap, g, mean))
+    return plans
+
+
+def _map_report(plan: MapPlan, bound: ClampBound | None, scaled: float | None) -> ClampMapReport:
+    hi = None if bound is None else bound.hi
+    lo = None if bound is None else bound.lo
+    mean = None if bound is None else bound.mean
+    return ClampMapReport(
+        plan.tap.name, plan.granularity or "none", lo is not None, 0 if hi is None else int(hi.size),
+        None if hi is None else float(hi.mean()), None if hi is None else float(hi.max()),
+        None if lo is None else float(lo.min()),
+        mean_bound=None if mean is None else ("positive-mean" if mean.positive else "mean"),
+        mean_hi_max=None if mean is None else float(mean.hi.max()), mean_scaled=scaled)
+
+
+def _score_section(rows: list[StrengthRow], chosen: float | None) -> dict:
+    row = next((r for r in rows if r.quantile == chosen), None)
+    return {"output": SCORE_OUTPUT, "floor": 0.0,
+            "threshold_1pct": None if row is None else row.score_p99,
+            "threshold_source": None if row is None else "99th percentile of held-out calibration scores (cross-fit)"}

@@ -7,7 +7,7 @@ the same pass, exactly (merged per-fold top-k, no second statistics pass).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ from ..measure.sources import DataSource
 from ..measure.stats import ChannelStats
 from ..model.load import Model
 from ..model.taps import Tap
-from ..rewrite.clamp import SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
+from ..rewrite.clamp import SCORE_FLOOR, SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
 
 #: Channel-mean floor, relative to the map's largest bound: a channel silent on clean images
 #: (bound ~0) is never divided by zero, and one that wakes up beyond the floor is scaled down.
@@ -83,12 +83,14 @@ def image_topk(grid: Sequence[float], images: int) -> int:
 
 def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource, preprocess: Preprocess,
               batch_size: int, grid: Sequence[float], *, position_quantile: float, margin: float, power: float,
-              provider: str = "auto", progress: Progress | None = None) -> list[StrengthRow]:
-    """Held-out cost of every candidate strength.
+              provider: str = "auto", progress: Progress | None = None,
+              stop: Callable[[list[StrengthRow]], bool] | None = None) -> list[StrengthRow]:
+    """Held-out cost of the candidate strengths, strongest last.
 
     For each candidate, each fold's images run through the model bounded by the other folds'
     statistics (channel means and positions alike); one pass over the source per candidate, with
-    one session per fold.
+    one session per fold. `stop` sees the rows so far after each candidate: True ends the search
+    (a rule that only accepts an unbroken run from q = 100 needs no candidate past its first miss).
     """
     k = len(folds.folds)
     n = len(folds.predictions)
@@ -116,6 +118,8 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
             progress.finish()
         rows.append(held_out_row(q, folds.probabilities, folds.predictions, new, scores))
         del sessions
+        if stop is not None and stop(rows):
+            break
     return rows
 
 
@@ -143,3 +147,43 @@ def held_out_scaled(plans: Sequence[MapPlan], folds: FoldStats, strength: float 
             pairs += len(range(f, n, k)) * plan.tap.channels
         out[plan.tap.name] = above / pairs if pairs else 0.0
     return out
+
+
+def mean_statistics(taps: Sequence[Tap]) -> dict[str, tuple[str, ...]]:
+    """Per map, the per-image channel-mean statistic the channel-mean bound and the score use."""
+    return {t.name: ("img_mean" if t.non_negative else "img_pmean",) for t in taps}
+
+
+def anomaly_scores(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelStats], source: DataSource,
+                   preprocess: Preprocess, batch_size: int, provider: str = "auto") -> dict:
+    """The clamp's per-image anomaly score (`rewrite.clamp.SCORE_OUTPUT`) of the images of `source`,
+    against bounds at the clean maxima (every clean calibration image then scores 0, up to float
+    rounding), without writing a model.
+
+    Args:
+        clean: clean statistics with ``pos_max`` (``pos_min``) and the `mean_statistics` measured.
+
+    Returns:
+        images, the share above `SCORE_FLOOR` (outside the clean envelope somewhere), and the
+        median, 90th percentile and maximum score.
+    """
+    bounds = {}
+    for tap in taps:
+        st = clean[tap.name]
+        stat = mean_statistics([tap])[tap.name][0]
+        b = mean_bound(st, stat, 100.0, st.count or 1)
+        mean = MeanBound(b, eps=MEAN_EPS * max(float(b.max()), 1e-12), positive=stat == "img_pmean")
+        bounds[tap.name] = ClampBound(hi=st.pos_max.astype(np.float32),
+                                      lo=None if tap.non_negative else st.pos_min.astype(np.float32), mean=mean)
+    proto, _ = clamp_maps(model, bounds, score_output=True)
+    session = create_session(model, proto, provider)
+    scores = [np.asarray(session.run([SCORE_OUTPUT], model_tensor(b, preprocess))[0])
+              for b in source.batches(batch_size)]
+    values = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    if len(values) == 0:
+        return {"images": 0}
+    return {"images": int(len(values)), "above_floor": float((values > SCORE_FLOOR).mean()),
+            "median": float(np.median(values)), "p90": float(np.quantile(values, 0.9)),
+            "max": float(values.max()), "floor": SCORE_FLOOR,
+            "note": "bounds at the clean maxima: clean calibration images score 0; for a threshold at 1% clean "
+                    "false alarms, clamp --score-output cross-fits one"}

@@ -16,7 +16,8 @@ from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ModelInfo, ScanReport, tap_reports
 from ..report.visuals import Visuals
-from .common import calibration_section, make_engine, open_calibration, policy_section
+from .common import calibration_section, load_with_weights, make_engine, open_calibration, policy_section
+from .crossfit import anomaly_scores, mean_statistics
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .options import ScanConfig
 
@@ -60,7 +61,7 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     # the clamp's view of the same evidence (a test-time signal that needs no trigger).
     engine = make_engine(config.engine)
     probe = Probe(model, taps, config.measured_stats + (POSITION_STATS if suspects else ()), config.provider,
-                  engine=engine)
+                  engine=engine, per_tap_stats=mean_statistics(taps) if suspects else None)
     batch_note = None
     if config.batch_size == "auto":
 
@@ -81,6 +82,8 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         suspect_source = open_source(evidence.suspect, preprocess, limit=config.limit)
         extra["bounds_exceedance"] = bounds_exceedance(model, taps, clean, suspect_source, preprocess,
                                                        config.batch_size, config.provider)
+        extra["anomaly_score"] = anomaly_scores(load_with_weights(model), taps, clean, suspect_source, preprocess,
+                                                config.batch_size, config.provider)
     flagged = score_and_flag(config, clean, ev_stats)
     visuals = None
     if evidence is not None and evidence.synthesis is not None:

@@ -69,8 +69,25 @@ def held_out_row(quantile: float, probabilities: np.ndarray, original: np.ndarra
     return StrengthRow(quantile, float((new != original).mean()), float(drop.mean()), p99)
 
 
+def _cost(rule: str):
+    return (lambda r: r.estimated_drop) if rule == "softmax" else (lambda r: r.changed)
+
+
+def exceeded(rows: Sequence[StrengthRow], rule: str, slack: float) -> bool:
+    """True when the last candidate costs more than the rule allows: stronger ones are not tried."""
+    by_q = {r.quantile: r for r in rows}
+    if 100.0 not in by_q or len(rows) < 2:
+        return False
+    cost = _cost(rule)
+    return cost(rows[-1]) > cost(by_q[100.0]) + slack + 1e-12
+
+
 def choose(rows: Sequence[StrengthRow], rule: str = "softmax", slack: float = 0.01) -> StrengthChoice:
-    """The lowest q whose cost is at most the cost at q = 100 plus `slack`.
+    """The lowest q of the unbroken run of candidates, from q = 100 down, whose cost is at most the
+    cost at q = 100 plus `slack`.
+
+    Why an unbroken run: costs grow as q falls, up to noise; a lower q that passes after a higher one
+    failed passed by noise, and stopping at the first miss also saves the remaining passes.
 
     Raises:
         UsageError: unknown rule, negative slack, or no q = 100 row to compare with.
@@ -82,10 +99,14 @@ def choose(rows: Sequence[StrengthRow], rule: str = "softmax", slack: float = 0.
     by_q: Mapping[float, StrengthRow] = {r.quantile: r for r in rows}
     if 100.0 not in by_q:
         raise UsageError("the strength grid must contain 100 (the reference cost)")
-    cost = (lambda r: r.estimated_drop) if rule == "softmax" else (lambda r: r.changed)  # noqa: E731
+    cost = _cost(rule)
     limit = cost(by_q[100.0]) + slack + 1e-12
-    fitting = [r.quantile for r in rows if cost(r) <= limit]
-    return StrengthChoice(min(fitting), rule, slack, tuple(rows))
+    chosen = 100.0
+    for r in sorted(rows, key=lambda r: -r.quantile):
+        if cost(r) > limit:
+            break
+        chosen = r.quantile
+    return StrengthChoice(chosen, rule, slack, tuple(rows))
 
 
 def validate_grid(grid: Sequence[float]) -> tuple[float, ...]:

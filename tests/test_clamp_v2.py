@@ -1,0 +1,183 @@
+"""Clamp v2 end to end: fold-pure one-pass statistics, exact merges, the strength rule, the
+cross-fit's determinism, the score output, and the default clamp on the digits fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from onnx_linf.cli.app import app
+from onnx_linf.commands.clamp import ClampConfig, clamp
+from onnx_linf.decide.strength import StrengthRow, choose, exceeded
+from onnx_linf.errors import UsageError
+from onnx_linf.measure.calibrate import model_tensor
+from onnx_linf.measure.folds import FoldedSource, measure_folds
+from onnx_linf.measure.preprocess import Preprocess
+from onnx_linf.measure.probe import Probe
+from onnx_linf.measure.session import create_session
+from onnx_linf.measure.sources import ArraySource, FeedSource
+from onnx_linf.measure.stats import TopK
+from onnx_linf.model.load import load_model
+from onnx_linf.model.taps import find_taps
+from onnx_linf.rewrite.clamp import SCORE_FLOOR, SCORE_OUTPUT
+
+import models
+
+runner = CliRunner()
+
+
+def feed(n: int, seed: int = 0) -> FeedSource:
+    return FeedSource([np.random.default_rng(seed).normal(0, 1, (n, 3, 8, 8)).astype(np.float32)])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
+def test_folded_batches_are_fold_pure_and_cover_every_image_once(batch_size):
+    source = feed(23)
+    seen = []
+    for batch in FoldedSource(source, 5).batches(batch_size):
+        assert (batch.indices % 5 == batch.fold).all()
+        assert len(batch) <= max(batch_size, 1)
+        np.testing.assert_array_equal(batch.tensor, source.x[batch.indices])
+        seen.extend(batch.indices.tolist())
+    assert sorted(seen) == list(range(23))
+    only = [i for b in FoldedSource(source, 5, only=2).batches(batch_size) for i in b.indices]
+    assert only == list(range(2, 23, 5)) and len(FoldedSource(source, 5, only=2)) == 5
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(6, 30), folds=st.integers(2, 5), batch=st.integers(1, 9))
+def test_fold_statistics_merge_to_the_one_pass_result(tmp_path_factory, n, folds, batch):
+    """Per-fold statistics merged equal one pass over all images: exactly for extremes and top-k."""
+    path = tmp_path_factory.mktemp("m") / "m.onnx"
+    onnx.save(models.nhwc_input(), path)
+    model = load_model(path)
+    taps = find_taps(model, "all")
+    per_tap = {t.name: ("pos_top", "img_mean", "img_pmean") for t in taps}
+    probe = Probe(model, taps, ("linf",), "cpu", per_tap_stats=per_tap)
+    x = np.random.default_rng(n).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    np.save(path.parent / "x.npy", x)
+    pp = Preprocess.from_model(model)
+    source = ArraySource(path.parent / "x.npy", pp.size, pp.channels)
+    one = probe.measure(source, pp, batch)
+    k = n  # keep every per-image value: the merged top-k must then hold all of them
+    folded = measure_folds(probe, source, pp, batch, folds, image_topk=k)
+    merged = folded.merged()
+    for tap in taps:
+        a, b = one[tap.name], merged[tap.name]
+        np.testing.assert_array_equal(a.top["pos_top"].kth(), b.top["pos_top"].kth())
+        for stat in ("img_mean", "img_pmean"):
+            assert np.sort(b.top[stat].values, axis=0).shape[0] == n
+            np.testing.assert_array_equal(a.top[stat].kth(), np.sort(b.top[stat].values, axis=0)[-1])
+        np.testing.assert_allclose(a.moments["linf"].mean, b.moments["linf"].mean, rtol=1e-12)
+        assert b.moments["linf"].count == n
+    # The model's own predictions, in source order, come with the pass.
+    logits = create_session(model, None, "cpu").run(None, pp.apply(x))[0]
+    np.testing.assert_array_equal(folded.predictions, logits.argmax(-1))
+    assert folded.images(exclude=0) == n - len(range(0, n, folds))
+
+
+def test_topk_kth_of_fewer_images_is_an_exact_order_statistic():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(50, 4))
+    acc = TopK(20, largest=True)
+    for chunk in np.array_split(values, 7):
+        acc.update(chunk)
+    for k in (1, 5, 20):
+        np.testing.assert_array_equal(acc.kth(k), np.sort(values, axis=0)[-k])
+
+
+def rows(costs: dict[float, float]) -> list[StrengthRow]:
+    return [StrengthRow(q, c, c, 0.0) for q, c in costs.items()]
+
+
+def test_strength_rule_takes_the_unbroken_run_from_100():
+    done = rows({100.0: 0.01, 99.0: 0.012, 98.0: 0.03, 97.0: 0.011})
+    assert choose(done, "softmax", 0.005).quantile == 99.0  # 97 passes only after 98 failed: noise
+    assert exceeded(done[:3], "softmax", 0.005) and not exceeded(done[:2], "softmax", 0.005)
+    assert choose(rows({100.0: 0.0, 99.0: 0.5}), "change", 0.01).quantile == 100.0
+    with pytest.raises(UsageError, match="rule"):
+        choose(done, "labels")
+    with pytest.raises(UsageError, match="100"):
+        choose(rows({99.0: 0.0}))
+
+
+def test_cross_fit_is_deterministic_and_reported(model_file, pixels_file):
+    path = model_file(models.plain_cnn())
+    calib = pixels_file(40, 8, 8, 3)
+    a = clamp(path, calib, ClampConfig(provider="cpu", batch_size=6))
+    b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=6))
+    assert a.report.strength == b.report.strength
+    assert a.proto.SerializeToString() == b.proto.SerializeToString()
+    s = a.report.strength
+    assert s["mode"] == "auto" and s["folds"] == 5 and s["candidates"][0]["quantile"] == 100.0
+    assert s["quantile"] in [c["quantile"] for c in s["candidates"]]
+    assert [m.mean_bound for m in a.report.maps] == [None, "mean"]  # the first conv map keeps the clamp only
+
+
+def test_score_output_is_zero_on_the_calibration_images_at_strength_100(model_file, pixels_file):
+    path = model_file(models.resnet_block())
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    calib = pixels_file(24, 8, 8, 3)
+    result = clamp(path, calib, ClampConfig(provider="cpu", strength=100.0, score_output=True))
+    assert [o.name for o in result.proto.graph.output][-1] == SCORE_OUTPUT
+    assert result.report.verification["ok"]
+    model = load_model(path)
+    pp = Preprocess.from_model(model)
+    x = pp.apply(np.load(calib))
+    out = create_session(model, result.proto, "cpu").run(None, x)
+    # The documented floor: 0 up to float rounding (ORT fuses the rewritten graph differently, so a
+    # map can come out an ulp above the maximum it was measured at).
+    assert out[-1].shape == (24,) and (out[-1] >= 0).all() and (out[-1] < SCORE_FLOOR).all()
+    bright = create_session(model, result.proto, "cpu").run(None, x * 5)[-1]
+    assert bright.shape == (24,) and (bright > 0).all()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_fixed_strength_cuts_the_blended_backdoor_of_the_digits_fixture(fixtures_dir):
+    """Today's clamp leaves digits Blended at 100% ASR; the channel-mean bound (q 99, p 6) cuts it
+    (measured 29%: the digits model is the hard case, see the README)."""
+    from onnx_linf.measure.accuracy import evaluate, open_labelled
+    from onnx_linf.measure.preprocess import Trigger
+
+    model = load_model(fixtures_dir / "digits_blended.onnx")
+    pp = Preprocess.from_model(model)
+    trig = Trigger.from_files(fixtures_dir / "digits_blended_trigger.png", fixtures_dir / "digits_blended_mask.png", pp)
+    test = open_labelled(fixtures_dir / "digits_test.npz", pp)
+    result = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", strength=99.0))
+    before = evaluate(model, test, pp, trigger=trig, target=0, provider="cpu")
+    after = evaluate(model, test, pp, trigger=trig, target=0, provider="cpu", proto=result.proto)
+    assert before.asr >= 0.99 and after.asr <= 0.4
+    assert after.accuracy >= before.accuracy - 0.01
+
+
+def test_cli_reports_strength_maps_and_score(fixtures_dir, tmp_path):
+    r = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
+                            str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "s.onnx"), "--strength", "99",
+                            "--score-output", "--json", "-", "-q"])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["strength"] == {"mode": "fixed", "quantile": 99.0, "power": 6.0}
+    assert report["config"]["bounds"] == ["position", "channel-mean"]
+    assert [m["mean_bound"] for m in report["maps"]] == [None, "mean", "mean"]
+    assert report["score"]["output"] == SCORE_OUTPUT
+    assert [o.name for o in onnx.load(tmp_path / "s.onnx").graph.output][-1] == SCORE_OUTPUT
+    bad = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
+                              str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "t.onnx"), "--bounds", "mean"])
+    assert bad.exit_code == 2 and "--bounds" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "t.onnx").exists()
+    bad = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
+                              str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "t.onnx"), "--strength", "x"])
+    assert bad.exit_code == 2 and "--strength" in bad.stderr
+
+
+def test_model_tensor_of_a_fold_batch_is_the_rows_of_the_source():
+    source = feed(10)
+    batch = next(iter(FoldedSource(source, 3).batches(10)))
+    np.testing.assert_array_equal(model_tensor(batch, Preprocess((8, 8))), source.x[batch.indices])
