@@ -181,3 +181,11 @@ def test_model_tensor_of_a_fold_batch_is_the_rows_of_the_source():
     source = feed(10)
     batch = next(iter(FoldedSource(source, 3).batches(10)))
     np.testing.assert_array_equal(model_tensor(batch, Preprocess((8, 8))), source.x[batch.indices])
+
+
+def test_too_few_images_to_cross_fit_bound_at_their_maximum(model_file, pixels_file):
+    """4 images cannot fill 5 folds: auto falls back to strength 100 (the identity on them), says so."""
+    result = clamp(model_file(models.plain_cnn()), pixels_file(4, 8, 8, 3), ClampConfig(provider="cpu"))
+    assert result.report.strength == {"mode": "fixed", "quantile": 100.0, "power": 6.0}
+    assert any("too few to cross-fit" in n for n in result.report.notes)
+    assert result.report.verification["ok"] and result.report.calibration_agreement == 1.0

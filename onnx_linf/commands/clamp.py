@@ -38,6 +38,10 @@ from .common import (
 from .crossfit import MapPlan, bounds_at, cross_fit, held_out_scaled, image_topk
 from .options import PreprocessOptions
 
+#: Fewest calibration images per fold for ``--strength auto``: below it each held-out fold is too
+#: small for its change to mean anything, and some folds would be empty.
+MIN_CROSSFIT_IMAGES_PER_FOLD = 2
+
 #: The two kinds of bound (both by default).
 BOUND_KINDS = ("position", "channel-mean")
 #: Default exponent of the channel-mean scale factor. Measured (FINDINGS in the clamp notes of the
@@ -163,6 +167,12 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     notes: list[str] = []
     plans = _plans(taps, config, notes)
     auto = config.mean_bounds and config.strength == "auto"
+    if auto and len(source) < MIN_CROSSFIT_IMAGES_PER_FOLD * config.folds:
+        auto = False
+        config = dataclasses.replace(config, strength=100.0)
+        needed = MIN_CROSSFIT_IMAGES_PER_FOLD * config.folds
+        notes.append(f"only {len(source)} calibration images: too few to cross-fit the channel-mean strength "
+                     f"({needed} needed), bounded at their maximum (--strength 100)")
     grid = validate_grid(config.strength_grid) if auto else ()
     fixed = None if not config.mean_bounds or auto else float(config.strength)
 
