@@ -61,6 +61,8 @@ class ScanConfig:
     """Preprocessing overrides."""
     engine: EngineOptions | str = "local"
     """Where statistics are computed: ``local``, ``ray``, or `EngineOptions` (workers, CPUs/GPUs per worker)."""
+    heatmap_images: int = 4
+    """Sample images whose flagged channels' activation maps the HTML report overlays (0: none)."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -78,6 +80,8 @@ class ScanConfig:
             raise UsageError(f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be >= 1, got {self.limit}")
+        if not isinstance(self.heatmap_images, int) or self.heatmap_images < 0:
+            raise UsageError(f"heatmap_images must be an integer >= 0, got {self.heatmap_images!r}")
 
     @property
     def measured_stats(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from ..report.visuals import Visuals
 from .common import calibration_section, load_with_weights, make_engine, open_calibration, policy_section
 from .crossfit import anomaly_scores, mean_statistics
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
+from .heatmaps import scan_heatmaps
 from .options import ScanConfig
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
         verdict, reason = "not-assessed", (
             f"channels ranked by {flagged.score}; a differential score shows where the evidence acts, "
             "it does not by itself prove a backdoor")
+    heat = scan_heatmaps(model, taps, flagged, clean, source, preprocess, config.heatmap_images, config.provider,
+                         trigger=None if evidence is None else evidence.load_trigger(preprocess),
+                         suspects=suspect_source if suspects else None)
+    if heat is not None:
+        visuals = dataclasses.replace(visuals or Visuals(), heatmaps=heat)
     non_finite = non_finite_channels(clean)
     if non_finite:
         # Loudly: NaN channels would otherwise drop out of the ranking and the report would read

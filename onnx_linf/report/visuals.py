@@ -31,6 +31,36 @@ class TriggerImage:
 
 
 @dataclass(frozen=True)
+class ChannelHeatmaps:
+    """Activation maps of a few channels of one map on the sample images of `Heatmaps`."""
+
+    tap: str
+    """Tensor name of the map."""
+    why: str
+    """Why this map was chosen, e.g. ``last map`` or ``most flagged evidence``."""
+    channels: tuple[int, ...]
+    """The channels shown, most flagged first."""
+    clean: np.ndarray = field(repr=False)
+    """float32 ``[images, channels, h, w]`` on the clean sample images."""
+    evidence: np.ndarray | None = field(default=None, repr=False)
+    """The same on the evidence sample images, when evidence was given."""
+
+
+@dataclass(frozen=True)
+class Heatmaps:
+    """Where the chosen channels fire on a few sample images (computed in-graph, no gradients)."""
+
+    clean_pixels: np.ndarray | None = field(repr=False)
+    """uint8 ``[images, H, W, C]`` clean sample images (None: the data had no pixels)."""
+    maps: tuple[ChannelHeatmaps, ...] = ()
+    """Per chosen map."""
+    evidence_pixels: np.ndarray | None = field(default=None, repr=False)
+    """uint8 ``[images, H, W, C]`` evidence sample images (stamped or suspect)."""
+    evidence_label: str | None = None
+    """What the evidence images are, e.g. ``trigger-stamped``."""
+
+
+@dataclass(frozen=True)
 class Visuals:
     """What the pictures of a report need beyond its JSON form."""
 
@@ -38,6 +68,8 @@ class Visuals:
     """Synthesized triggers, in class order."""
     bounds: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict, repr=False)
     """Clamp: tap -> (upper bound, lower bound or None), ``[C, H, W]`` or ``[C, 1, 1]``."""
+    heatmaps: Heatmaps | None = None
+    """Activation heatmaps of the flagged channels on a few sample images."""
 
     @classmethod
     def of_triggers(cls, triggers) -> Visuals:
