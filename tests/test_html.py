@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
 import sys
 
+import numpy as np
+from PIL import Image
 from typer.testing import CliRunner
 
+from onnx_linf import Evidence, ScanConfig, scan
 from onnx_linf.cli.app import app
 from onnx_linf.report.html import html_report
 
@@ -29,7 +35,36 @@ def test_scan_html_with_suspects(tmp_path):
     for text in ("Provenance", report.model.sha256, "CPUExecutionProvider", "model metadata",
                  "Suspect images against the clean per-position range", "not assessed"):
         assert text in doc
-    assert doc.count("<img") == len(report.taps)  # one clean-vs-evidence figure per map
+    # One clean-vs-evidence figure per map, and one heatmap figure per map the heatmaps show.
+    assert doc.count("<img") == len(report.taps) + len(report.visuals.heatmaps.maps)
+    assert "clean against suspect images (the first ones)" in doc
+
+
+def test_scan_html_heatmaps_with_a_trigger():
+    fx = reports.FIXTURES
+    report = scan(fx / "digits_badnets.onnx", reports.CALIB, ScanConfig(limit=32, provider="cpu"),
+                  evidence=Evidence(trigger=fx / "digits_badnets_trigger.png", mask=fx / "digits_badnets_mask.png"))
+    heat = report.visuals.heatmaps
+    assert heat.evidence_label == "trigger-stamped" and [m.why for m in heat.maps] == ["most flagged evidence",
+                                                                                       "last map"]
+    # The evidence images are the clean ones stamped: equal outside the trigger's corner, not inside.
+    assert np.array_equal(heat.clean_pixels[:, :11, :11], heat.evidence_pixels[:, :11, :11])
+    assert not np.array_equal(heat.clean_pixels, heat.evidence_pixels)
+    for m in heat.maps:
+        assert m.evidence.shape == m.clean.shape and m.clean.shape[:2] == (4, len(m.channels))
+    # A flagged channel of the last map fires harder on the stamped images.
+    assert heat.maps[-1].evidence[:, 0].max() > heat.maps[-1].clean[:, 0].max()
+    doc = html_report(report)
+    assert_self_contained(doc)
+    section = doc[doc.index("<h3>Activation heatmaps of the flagged channels</h3>"):]
+    assert "clean against trigger-stamped (the same images)" in section
+    figures = re.findall(r'<img class="fig" alt="activation heatmaps of ([^"]+)" src="data:image/png;base64,([^"]+)"',
+                         section)
+    assert [f[0].split(" channels ")[0] for f in figures] == [m.tap for m in heat.maps]
+    for _, data in figures:
+        picture = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert picture.format == "PNG" and picture.width > 600
+    assert "heatmaps" not in json.dumps(report.to_dict())
 
 
 def test_cli_report_on_clamp_and_missing_matplotlib(tmp_path, monkeypatch):

@@ -167,6 +167,25 @@ def _maps_section(report: ScanReport) -> str:
     if len(report.taps) > MAX_MAP_FIGURES:
         out.append(f'<p class="sub">{len(report.taps) - MAX_MAP_FIGURES} more maps are in the table and the JSON '
                    "report only.</p>")
+    heat = report.visuals.heatmaps if report.visuals is not None else None
+    if heat is not None and heat.maps:
+        out.append(_heatmaps(heat))
+    return "".join(out)
+
+
+def _heatmaps(heat) -> str:
+    n = len(heat.maps[0].clean)
+    against = ""
+    if heat.maps[0].evidence is not None:
+        which = "the same images" if heat.evidence_label == "trigger-stamped" else "the first ones"
+        against = f", clean against {esc(heat.evidence_label)} ({which})"
+    out = ["<h3>Activation heatmaps of the flagged channels</h3>",
+           f'<p class="sub">Where the chosen channels fire on {n} sample images{against}: each channel\'s map, '
+           "computed in the graph (no gradients), upsampled bilinearly to the image and laid over it; a channel's "
+           "colour scale is shared by its clean and evidence images.</p>"]
+    for m in heat.maps:
+        out.append(img(plots.heatmap_figure(m, heat.clean_pixels, heat.evidence_pixels, heat.evidence_label),
+                       f"activation heatmaps of {m.tap} channels {', '.join(map(str, m.channels))}"))
     return "".join(out)
 
 

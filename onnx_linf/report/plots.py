@@ -158,3 +158,50 @@ def image_png(array: np.ndarray, scale: int = 6) -> bytes:
     img.save(buf, format="PNG")
     return buf.getvalue()
 
+
+
+def _upsample(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float map resized bilinearly to (H, W)."""
+    if a.shape == size:
+        return a
+    return np.asarray(Image.fromarray(np.asarray(a, np.float32), mode="F").resize(size[::-1], Image.BILINEAR))
+
+
+def heatmap_figure(maps, clean_pixels: np.ndarray | None, evidence_pixels: np.ndarray | None = None,
+                   evidence_label: str | None = None) -> bytes:
+    """One map's chosen channels (rows) on the sample images (columns: clean, then evidence): each
+    channel's activation upsampled bilinearly to the image size over the image, half transparent.
+    A channel's colour scale is shared by its clean and evidence images."""
+    plt = pyplot()
+    clean, ev = np.asarray(maps.clean, np.float32), None if maps.evidence is None else np.asarray(maps.evidence)
+    groups = [("clean", clean, clean_pixels)] + ([(evidence_label or "evidence", ev, evidence_pixels)]
+                                                 if ev is not None else [])
+    cols = sum(len(g[1]) for g in groups)
+    rows = len(maps.channels)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 0.9, 1.5 * rows + 0.5), squeeze=False)
+    for r, channel in enumerate(maps.channels):
+        values = np.concatenate([g[1][:, r] for g in groups]).astype(np.float64)
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        col, shown = 0, None
+        for name, data, pixels in groups:
+            for i in range(len(data)):
+                ax = axes[r, col]
+                size = tuple(pixels.shape[1:3]) if pixels is not None else data.shape[2:]
+                if pixels is not None:
+                    px = pixels[i]
+                    ax.imshow(px[..., 0] if px.shape[-1] == 1 else px, cmap="gray", vmin=0, vmax=255,
+                              interpolation="nearest")
+                shown = ax.imshow(_upsample(data[i, r], size), cmap="jet", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                                  alpha=0.5 if pixels is not None else 1.0, interpolation="bilinear")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"{name} {i + 1}", fontsize=7, color=EVIDENCE if name != "clean" else CLEAN)
+                if col == 0:
+                    ax.set_ylabel(f"channel {channel}", fontsize=8)
+                col += 1
+        bar = fig.colorbar(shown, ax=list(axes[r]), fraction=0.015, pad=0.01)
+        bar.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{maps.tap}  ({maps.why})", fontsize=9)
+    return _png(fig)
