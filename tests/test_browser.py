@@ -72,7 +72,7 @@ def test_console_error_detection_works(tmp_path):
 def test_scan_report_renders(tmp_path):
     report = reports.suspect_scan(str(tmp_path))
     dom, image = render(html_report(report), "scan", tmp_path)
-    assert "Per-channel" in dom and report.model.sha256 in dom
+    assert "Per-channel" in dom and report.model.sha256 in dom and "Activation heatmaps" in dom
     assert_figures_drawn(dom, image, len(report.taps))
 
 
