@@ -142,16 +142,19 @@ class ClampResult:
 def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
           config: ClampConfig | None = None, *, output: str | os.PathLike | None = None, force: bool = False,
           progress: Progress | None = None, preprocess: Preprocess | None = None) -> ClampResult:
-    """Bound every activation map to the range clean calibration images produce: ``Min(a, τ)``.
+    """Bound every activation map to what clean calibration images produce there.
 
-    No trigger, labels or gradients: clean images and forward passes only. Maps that can go
-    negative are bounded on both sides (``Max(a, lo)``). Position granularity falls back to channel
-    granularity for maps whose spatial size is not static.
+    Two bounds (`ClampConfig.bounds`): per-image channel means scaled down to their clean bound
+    (``a * min(B / mean, 1)^p``, for triggers spread over the image) and then the position clamp
+    ``Min(a, τ)`` (``Max(a, lo)`` too on maps that go negative; per channel where the spatial size
+    is not static). No trigger, labels or gradients: clean images and forward passes only. The
+    channel-mean strength is cross-fitted on the calibration images unless fixed.
 
     Raises:
         UsageError: bad options or output path.
-        VerificationError: at quantile 100 without margin, the clamped model must reproduce the
-            original's outputs on the calibration images exactly; otherwise nothing is written.
+        VerificationError: where every bound is the maximum over the calibration images, the
+            clamped model must reproduce the original's outputs on them; otherwise, or when the
+            rewrite changes too many predictions (`ClampConfig.min_agreement`), nothing is written.
     """
 
     config = config or ClampConfig()
