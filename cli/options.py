@@ -19,6 +19,10 @@ CalibOpt = Annotated[Path, typer.Option("--calib", "-c", help="Clean calibration
 Layers = Annotated[str, typer.Option("--layers", "-l", help="Activation maps to measure: 'all' (every conv "
                                      "and residual-merge map), 'all+branches' (also the conv outputs that "
                                      "only feed a residual Add), 'last', or comma-separated tensor names.")]
+ScanCalibOpt = Annotated[Optional[Path], typer.Option("--calib", "-c", help="Clean calibration data: a folder "
+                                                      "of images (recursive; PNG/JPEG/BMP/WebP) or a .npy/.npz "
+                                                      "array file. Without it, scan runs the data-free checks "
+                                                      "(weights and noise inputs only; weaker).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per inference batch.")]
 Provider = Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when usable, "
                                        "else CPU), cpu, cuda, tensorrt.")]

@@ -17,8 +17,11 @@ def model_summary(report: ScanReport) -> None:
     pp = report.preprocess
     console.print(f"[bold]model[/] {m.path}  opset {m.opset}  input {m.input} {m.input_shape}  "
                   f"sha256 {m.sha256[:12]}")
-    console.print(f"[bold]provider[/] {report.provider}   [bold]calibration[/] {report.calibration['source']} "
-                  f"(batch {report.calibration['batch_size']})")
+    if report.calibration.get("data_free"):
+        console.print(f"[bold]provider[/] {report.provider}   [bold]calibration[/] none (data-free scan)")
+    else:
+        console.print(f"[bold]provider[/] {report.provider}   [bold]calibration[/] {report.calibration['source']} "
+                      f"(batch {report.calibration['batch_size']})")
     console.print(f"[bold]preprocessing[/] ({pp['source']}) size {pp['size'][0]}x{pp['size'][1]} "
                   f"{pp['layout']} {pp['channels']} scale {pp['scale']:.6g} mean {pp['mean']} std {pp['std']}")
 
@@ -70,6 +73,24 @@ def synthesis_table(synthesis: dict) -> Table:
         mark = "suspected" if c["target"] in synthesis["suspected"] else "" if c["found"] else "not found"
         share = "" if c["concentration"] is None else f"{c['concentration']:.2f}"
         table.add_row(str(c["target"]), f"{c['mask_l1']:.1f}", f"{c['asr']:.2f}", share, f"{c['anomaly']:.2f}", mark)
+    return table
+
+
+def datafree_table(datafree: dict) -> Table:
+    """The data-free checks: statistic, threshold, result and cost, from a report's ``datafree`` section."""
+    table = Table(title=f"data-free checks ({datafree['queries']} forwards)", title_justify="left")
+    for col in ("check", "statistic", "threshold", "result", "details"):
+        table.add_column(col, justify="right" if col in ("statistic", "threshold") else "left")
+    for c in datafree["checks"]:
+        result = "suspected" if c["suspected"] else "clean"
+        if c["check"] == "clp":
+            what = "CLP robust z (weights)"
+            details = f"{c['layer']} #{c['channel']}, {c['layers_scored']} convs scored"
+        else:
+            what = "max-margin ratio (noise inputs)"
+            left = f", {len(c['not_examined'])} classes not examined" if c["not_examined"] else ""
+            details = f"top class {c['top_class']}, {c['queries']} forwards, {c['seconds']:.1f} s{left}"
+        table.add_row(what, f"{c['statistic']:.2f}", f"{c['threshold']:g}", result, details)
     return table
 
 

@@ -12,13 +12,15 @@ from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.gate import judge
 from onnx_linf.commands.scan import scan
 from onnx_linf.commands.settings import effective, load_settings, record_settings, scan_options, settings_record
+from onnx_linf.errors import UsageError
+from onnx_linf.measure.margin import MarginConfig
 from onnx_linf.model.triton import read_triton
 
 from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
 from .outputs import HtmlOut, SarifOut, SummaryOut, check_html, check_targets, write_html, write_sarif, write_summary
-from .render import flagged_lines, model_summary, print_notes, synthesis_table, taps_table
+from .render import datafree_table, flagged_lines, model_summary, print_notes, synthesis_table, taps_table
 from .scan_many import ConfigOpt, given_settings, scan_folder
 
 ModelsArg = Annotated[list[Path], typer.Argument(help="ONNX model file, or folders / several files (each "
@@ -28,7 +30,7 @@ ModelsArg = Annotated[list[Path], typer.Argument(help="ONNX model file, or folde
 def scan_command(
     ctx: typer.Context,
     models: ModelsArg,
-    calib: o.CalibOpt,
+    calib: o.ScanCalibOpt = None,
     layers: o.Layers = "all",
     ratio: Annotated[float, typer.Option(help="Fraction of channels per map to flag (ratio policy).")] = 0.1,
     policy: Annotated[str, typer.Option(help="ratio (top fraction per map) or outliers (robust z-score).")] = "ratio",
@@ -42,7 +44,8 @@ def scan_command(
     suspect: o.Suspect = None,
     synthesize: o.SynthFlag = False,
     fail_on_suspect: Annotated[bool, typer.Option("--fail-on-suspect", help="Exit 1 when a backdoor is "
-                                                  "suspected (CI gate; needs --synthesize).")] = False,
+                                                  "suspected (CI gate; needs --synthesize, or no --calib: "
+                                                  "the data-free verdict).")] = False,
     classes: o.SynthClasses = None,
     seed: o.SynthSeed = 0,
     max_queries: o.MaxQueries = None,
@@ -80,6 +83,10 @@ def scan_command(
     For a CI gate: --synthesize --fail-on-suspect searches a minimal trigger per class with forward
     passes only and exits 1 when one class is reached by an anomalously small trigger.
 
+    Without --calib the scan is data-free: the CLP outlier of the conv weights and a query-only
+    margin search from noise inputs (--max-queries, --time-limit and --seed bound and fix it) give a
+    verdict labelled data-free; it is weaker than a scan with data.
+
     Without trigger evidence, flagged channels are the most active ones on clean images: that is a
     description of the model, not evidence of a backdoor. Give --trigger/--mask or --suspect to
     rank channels by differential ℓ∞ (evidence minus clean).
@@ -94,15 +101,19 @@ def scan_command(
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
         engine = o.engine_options(ray, ray_workers, ray_gpus)
         model = models[0]
+        if calib is None and (len(models) > 1 or model.is_dir()):
+            raise UsageError("folder and multi-model scans need --calib DATA",
+                             hint="scan one model file without --calib for the data-free checks")
         if len(models) > 1 or model.is_dir():
             scan_folder(models[0] if len(models) == 1 else models, calib, settings, cli, defaults, evidence,
                         skip_unscannable, json_out, sarif, summary, html_out, quiet, engine=engine)
         triton = read_triton(model)
         values = effective(settings, model, cli, defaults, None if triton is None else triton.size())
-        config, evidence, fail_on_suspect = scan_options(values, evidence)
+        config, evidence, fail_on_suspect = scan_options(values, evidence, data_free=calib is None)
         config = dataclasses.replace(config, engine=engine)
-        report = record_settings(scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet)),
-                                 values, settings)
+        margin = None if calib is not None else _margin_config(values)
+        report = record_settings(scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet),
+                                      margin=margin), values, settings)
         outcome = judge(report, allowlist=settings.allowlist, fail_on_suspect=fail_on_suspect,
                         settings=None if settings.path is None else settings_record(values),
                         triton=None if triton is None else triton.to_dict())
@@ -110,7 +121,16 @@ def scan_command(
         write_sarif(sarif, [outcome])
         write_summary(summary, outcome)
         write_html(html_out, outcome)
-    if not quiet:
+    if not quiet and calib is None:
+        model_summary(report)
+        console.print(datafree_table(report.extra["datafree"]))
+        console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
+        for what in report.extra["datafree"]["not_checked"]:
+            console.print(f"  not checked: {what}")
+        console.print("[bold]next[/]")
+        console.print(f"  with clean images (stronger):  onnx-linf scan {model} --calib DATA --synthesize "
+                      "--fail-on-suspect")
+    elif not quiet:
         model_summary(report)
         console.print(taps_table(report))
         flagged_lines(report)
@@ -120,6 +140,15 @@ def scan_command(
         print_notes(report.extra.get("notes"))
         _next_steps(model, calib, report.policy["evidence"])
     raise typer.Exit(ExitCode(outcome.exit_code))
+
+
+def _margin_config(values: dict[str, dict]) -> MarginConfig:
+    """The data-free margin probe's options from --max-queries, --time-limit and --seed."""
+    v = {k: e["value"] for k, e in values.items()}
+    config = MarginConfig(max_queries=v.get("max_queries") or MarginConfig.max_queries, seed=v.get("seed") or 0,
+                          time_limit=v.get("time_limit"))
+    config.validate()
+    return config
 
 
 def _next_steps(model: Path, calib: Path, evidence: bool) -> None:

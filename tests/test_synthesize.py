@@ -13,7 +13,7 @@ from onnx_linf.cli.synthesize import synthesize_command
 from onnx_linf.decide.synthesis.results import SynthConfig
 from onnx_linf.decide.synthesis.synthesize import synthesize
 from onnx_linf.decide.synthesis.triggers import write_triggers
-from onnx_linf.decide.synthesis.verdict import anomaly_index
+from onnx_linf.decide.synthesis.verdict import MAD_FLOOR_LINEAR, MAD_FLOOR_LOG, anomaly_index
 from onnx_linf.errors import CalibrationDataError, UsageError
 from onnx_linf.measure.preprocess import Preprocess, Trigger
 from onnx_linf.measure.session import Session, create_session
@@ -71,7 +71,8 @@ def test_anomaly_index_on_hand_made_norms():
         index = anomaly_index(norms, scale)
         med = np.median(values)
         mad = np.median(np.abs(values - med))
-        np.testing.assert_allclose(index, (med - values) / (1.4826 * mad))
+        floor = MAD_FLOOR_LOG if scale == "log" else MAD_FLOOR_LINEAR * med
+        np.testing.assert_allclose(index, (med - values) / (1.4826 * max(mad, floor)))
         assert index[5] > 3.5 > index[6]  # small norm: positive (suspicious); large norm: negative
         assert np.argmax(index) == 5
     assert np.array_equal(anomaly_index(norms), anomaly_index(norms, "log"))
@@ -84,7 +85,8 @@ def test_classes_not_found_do_not_set_the_baseline():
     norms = np.array([108.4, 378.7, area, area, 533.0, area, area, 486.0, area, area])
     found = norms < area
     everyone = anomaly_index(norms)
-    assert (everyone > 3.5).sum() == 4  # the degenerate baseline: four "targets"
+    # The degenerate baseline (MAD 0, floored): three "targets", all found classes below half the area.
+    assert (everyone > 3.5).sum() == 3
     index = anomaly_index(norms, found=found)
     assert np.flatnonzero(index > 3.5).tolist() == [0]
     assert np.all(index[~found] < 0)
@@ -103,12 +105,45 @@ def test_log_index_sees_a_small_trigger_that_a_heavy_upper_tail_hides():
     assert np.sort(log)[-2] < 1.5
     with pytest.raises(ValueError):
         anomaly_index(norms, "sqrt")
-    # Every norm equal but one: MAD is 0, floored, so the odd one gets a large finite index.
+    # Every norm equal but one: MAD is 0, floored, so the odd one (10x smaller) gets a finite index
+    # of ln(10) / (1.4826 * MAD_FLOOR_LOG) and one at 0.6x the others stays below 3.5.
     flat = anomaly_index(np.array([10.0, 10.0, 10.0, 10.0, 1.0]))
-    assert flat[:4].tolist() == [0.0] * 4 and np.isfinite(flat[4]) and flat[4] > 100
+    assert flat[:4].tolist() == [0.0] * 4
+    np.testing.assert_allclose(flat[4], np.log(10.0) / (1.4826 * MAD_FLOOR_LOG))
+    assert anomaly_index(np.array([10.0, 10.0, 10.0, 10.0, 6.0]))[4] < 3.5
     assert anomaly_index(np.array([3.0, 30.0])).tolist() == [0.0, 0.0]  # no median to deviate from
     with pytest.raises(ValueError):
         anomaly_index(np.array([1.0, np.nan, 2.0]))
+
+
+@pytest.mark.parametrize("cluster", [
+    (134.0, 136.0, 138.0, 140.0, 142.0, 144.0, 146.0),  # evenly over the reported range
+    (134.0, 138.0, 139.0, 140.0, 140.0, 141.0, 146.0),  # tighter in the middle
+    (134.0, 134.0, 135.0, 135.0, 136.0, 145.0, 146.0),  # bunched at the low end
+])
+def test_mad_floor_keeps_a_tight_natural_cluster_clean(cluster):
+    """A clean CIFAR VGG (held out): class 1 at mask L1 101 against seven classes at 134-146 and two at
+    196 and 311. Without a floor the tight cluster's MAD made that 0.7x ratio look like a backdoor."""
+    norms = np.array([101.0, *cluster, 196.0, 311.0])
+    v = np.log(norms)
+    med = np.median(v)
+    unfloored = (med - v[0]) / (1.4826 * np.median(np.abs(v - med)))
+    assert unfloored > 3.5  # the false alarm the floor exists for
+    index = anomaly_index(norms)
+    assert index.max() < 3.5 and int(np.argmax(index)) == 0
+    # A real target well below half the median is still suspected among the same classes.
+    assert anomaly_index(np.array([30.0, *cluster, 196.0, 311.0]))[0] > 3.5
+
+
+def test_mad_floor_gives_censored_classes_a_finite_baseline():
+    """Eight of ten classes censored at the image area: too few found classes for their own baseline,
+    so the median is the area and the MAD 0. The floor (not a token 1e-3) judges the two found classes
+    by their ratio to the area: 40 (25x below) is suspected, 700 (0.68x) is not."""
+    area = 1024.0
+    norms = np.array([40.0, 700.0, area, area, area, area, area, area, area, area])
+    index = anomaly_index(norms, found=norms < area)
+    assert np.all(np.isfinite(index))
+    assert np.flatnonzero(index > 3.5).tolist() == [0]
 
 
 def test_finds_the_planted_trigger(planted):

@@ -7,9 +7,11 @@ import logging
 import os
 
 from ..decide.finite import describe_non_finite, non_finite_channels
+from ..errors import UsageError
 from ..measure.calibrate import Progress, auto_batch_size
 from ..measure.exceedance import bounds_exceedance
 from ..measure.instrument import POSITION_STATS
+from ..measure.margin import MarginConfig
 from ..measure.probe import Probe
 from ..measure.sources import DataSource, open_source
 from ..model.load import Model, load_model
@@ -18,6 +20,7 @@ from ..report.types import ModelInfo, ScanReport, tap_reports
 from ..report.visuals import Visuals
 from .common import calibration_section, load_with_weights, make_engine, open_calibration, policy_section
 from .crossfit import anomaly_scores, mean_statistics
+from .datafree import datafree_report
 from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
 from .heatmaps import scan_heatmaps
 from .options import ScanConfig
@@ -25,20 +28,24 @@ from .options import ScanConfig
 log = logging.getLogger(__name__)
 
 
-def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource,
+def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataSource | None,
          config: ScanConfig | None = None, *, evidence: Evidence | None = None,
-         progress: Progress | None = None) -> ScanReport:
+         progress: Progress | None = None, margin: MarginConfig | None = None) -> ScanReport:
     """Measure per-channel ℓ∞/ℓ1/ℓ2 statistics of a model's activation maps and flag channels.
 
     Without evidence the flagged channels are merely the most active ones (the report's verdict is
     ``not-assessed``); with a trigger or suspect images they are ranked by differential score.
+    Without calibration data (`calib` None) the scan runs the data-free checks instead (CLP from the
+    weights, the margin probe from noise inputs; `commands.datafree`) and its verdict says so.
 
     Args:
         model_path: the ONNX model (path or loaded `Model`).
-        calib: clean calibration data: image folder, ``.npy``/``.npz``, or a `DataSource`.
+        calib: clean calibration data: image folder, ``.npy``/``.npz``, or a `DataSource`; None for a
+            data-free scan.
         config: scan options.
-        evidence: optional trigger or suspect images.
+        evidence: optional trigger or suspect images (they need `calib`).
         progress: progress sink.
+        margin: options of the data-free margin probe (used only without `calib`).
 
     Returns:
         The scan report.
@@ -51,6 +58,12 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
     preprocess = config.preprocess.resolve(model)
+    if calib is None:
+        if evidence is not None:
+            raise UsageError("trigger evidence and --synthesize need clean images: add --calib DATA",
+                             hint="without --calib, scan runs the data-free checks only")
+        return datafree_report(model, taps, preprocess, config.provider, margin,
+                               config.layers if isinstance(config.layers, str) else list(config.layers))
     source = open_calibration(model, calib, preprocess, config.limit, taps=taps,
                               batch_size=config.batch_size if isinstance(config.batch_size, int) else 1)
     if evidence is not None:

@@ -244,8 +244,12 @@ def effective(settings: Settings, model: str | os.PathLike, cli: dict, defaults:
     return out
 
 
-def scan_options(values: dict[str, dict], evidence: Evidence | None = None) -> tuple[ScanConfig, Evidence | None, bool]:
+def scan_options(values: dict[str, dict], evidence: Evidence | None = None,
+                 data_free: bool = False) -> tuple[ScanConfig, Evidence | None, bool]:
     """ScanConfig, evidence (synthesis when ``synthesize``) and the gate flag from effective settings.
+
+    `data_free`: no calibration data; the scan's verdict is the data-free one, so the gate needs no
+    ``synthesize`` (a ``synthesize`` setting is then refused: it needs clean images).
 
     Raises:
         UsageError: inconsistent settings.
@@ -264,6 +268,11 @@ def scan_options(values: dict[str, dict], evidence: Evidence | None = None) -> t
                         provider=v.get("provider", "auto"), limit=v.get("limit"), preprocess=pre)
     config.validate()
     gate = bool(v.get("fail_on_suspect"))
+    if data_free:
+        if v.get("synthesize") or evidence is not None:
+            raise UsageError("--synthesize, --trigger and --suspect need clean images: add --calib DATA",
+                             hint="without --calib, scan runs the data-free checks only")
+        return config, None, gate
     if v.get("synthesize"):
         if evidence is not None:
             raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
