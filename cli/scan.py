@@ -10,6 +10,7 @@ import typer
 
 from onnx_linf.commands.evidence import Evidence
 from onnx_linf.commands.gate import judge
+from onnx_linf.commands.options import HEATMAP_IMAGES
 from onnx_linf.commands.scan import scan
 from onnx_linf.commands.settings import effective, load_settings, record_settings, scan_options, settings_record
 from onnx_linf.errors import UsageError
@@ -110,7 +111,8 @@ def scan_command(
         triton = read_triton(model)
         values = effective(settings, model, cli, defaults, None if triton is None else triton.size())
         config, evidence, fail_on_suspect = scan_options(values, evidence, data_free=calib is None)
-        config = dataclasses.replace(config, engine=engine)
+        # Heatmaps only for the HTML report: they cost one more ORT session.
+        config = dataclasses.replace(config, engine=engine, heatmap_images=HEATMAP_IMAGES if html_out else 0)
         margin = None if calib is not None else _margin_config(values)
         report = record_settings(scan(model, calib, config, evidence=evidence, progress=BarProgress(quiet),
                                       margin=margin), values, settings)

@@ -22,7 +22,7 @@ CALIB = FIXTURES / "digits_calib"
 @functools.cache
 def plain_scan(name: str = "digits_badnets"):
     """Scan without evidence (verdict not-assessed), 32 images."""
-    return scan(FIXTURES / f"{name}.onnx", CALIB, ScanConfig(limit=32, provider="cpu"))
+    return scan(FIXTURES / f"{name}.onnx", CALIB, ScanConfig(limit=32, provider="cpu", heatmap_images=4))
 
 
 def stamped_pixels(path: Path, n: int = 32) -> Path:
@@ -39,7 +39,7 @@ def stamped_pixels(path: Path, n: int = 32) -> Path:
 def suspect_scan(folder: str):
     """Scan of the BadNets model with trigger-stamped suspect images (bounds exceedance measured)."""
     suspects = stamped_pixels(Path(folder) / "suspects.npy")
-    return scan(FIXTURES / "digits_badnets.onnx", CALIB, ScanConfig(limit=32, provider="cpu"),
+    return scan(FIXTURES / "digits_badnets.onnx", CALIB, ScanConfig(limit=32, provider="cpu", heatmap_images=4),
                 evidence=Evidence(suspect=suspects))
 
 

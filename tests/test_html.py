@@ -42,7 +42,7 @@ def test_scan_html_with_suspects(tmp_path):
 
 def test_scan_html_heatmaps_with_a_trigger():
     fx = reports.FIXTURES
-    report = scan(fx / "digits_badnets.onnx", reports.CALIB, ScanConfig(limit=32, provider="cpu"),
+    report = scan(fx / "digits_badnets.onnx", reports.CALIB, ScanConfig(limit=32, provider="cpu", heatmap_images=4),
                   evidence=Evidence(trigger=fx / "digits_badnets_trigger.png", mask=fx / "digits_badnets_mask.png"))
     heat = report.visuals.heatmaps
     assert heat.evidence_label == "trigger-stamped" and [m.why for m in heat.maps] == ["most flagged evidence",
@@ -85,3 +85,15 @@ def test_cli_report_on_clamp_and_missing_matplotlib(tmp_path, monkeypatch):
     assert result.stderr.startswith("error: the HTML report needs matplotlib: pip install 'onnx-linf[report]'")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "none.html").exists() and not (tmp_path / "other.onnx").exists()
+
+
+def test_cli_scan_report_has_heatmaps_and_plain_scan_skips_them(tmp_path):
+    """Heatmaps cost one more ORT session: `scan --report` asks for them, a scan without it does not."""
+    fx = reports.FIXTURES
+    base = ["scan", str(fx / "digits_badnets.onnx"), "--calib", str(reports.CALIB), "--limit", "16",
+            "--provider", "cpu", "-q"]
+    result = CliRunner().invoke(app, [*base, "--report", str(tmp_path / "s.html")])
+    assert result.exit_code == 0, result.stderr
+    assert "Activation heatmaps of the flagged channels" in (tmp_path / "s.html").read_text()
+    plain = scan(fx / "digits_badnets.onnx", reports.CALIB, ScanConfig(limit=16, provider="cpu"))
+    assert plain.visuals is None or plain.visuals.heatmaps is None

@@ -35,6 +35,10 @@ class PreprocessOptions:
                                      scale=self.scale, mean=self.mean, std=self.std)
 
 
+#: Sample images of the HTML report's activation heatmaps (``scan --report``).
+HEATMAP_IMAGES = 4
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """Options of a scan."""
@@ -61,8 +65,9 @@ class ScanConfig:
     """Preprocessing overrides."""
     engine: EngineOptions | str = "local"
     """Where statistics are computed: ``local``, ``ray``, or `EngineOptions` (workers, CPUs/GPUs per worker)."""
-    heatmap_images: int = 4
-    """Sample images whose flagged channels' activation maps the HTML report overlays (0: none)."""
+    heatmap_images: int = 0
+    """Sample images whose flagged channels' activation maps are kept for the HTML report's heatmaps
+    (0: none; `HEATMAP_IMAGES` is what ``scan --report`` asks for). Costs one more ORT session."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
