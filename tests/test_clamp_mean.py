@@ -53,7 +53,7 @@ def reference(a, mean_hi, power, eps, positive, hi, lo):
 
 
 @pytest.mark.parametrize("opset", [13, 18])
-@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 1.5])
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 1.5, 6.0, 7.0])
 @pytest.mark.parametrize("positive,two_sided", [(False, False), (True, True)])
 def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_sided):
     rng = np.random.default_rng(int(power * 10) + opset)
@@ -115,3 +115,59 @@ def test_input_model_untouched(tmp_path):
     clamp_maps(model, {"a": ClampBound(hi=np.ones((C, 1, 1), np.float32), mean=MeanBound(np.ones(C, np.float32)))},
                score_output=True)
     assert model.proto.SerializeToString() == before
+
+
+def straightforward_factor_model(channels: int, mean_hi: np.ndarray, eps: float, power: float) -> bytes:
+    """The channel-mean bound as first written: ``a * Pow(Min(B' / Max(mu, eps), 1), p)``, B' = max(B, eps)."""
+    def f32(name, v):
+        return helper.make_tensor(name, TensorProto.FLOAT, np.shape(v), np.asarray(v, np.float32).ravel())
+
+    nodes = [helper.make_node("GlobalAveragePool", ["a"], ["mu"]),
+             helper.make_node("Max", ["mu", "eps"], ["floor"]),
+             helper.make_node("Div", ["num", "floor"], ["ratio"]),
+             helper.make_node("Min", ["ratio", "one"], ["factor"]),
+             helper.make_node("Pow", ["factor", "p"], ["scale"]),
+             helper.make_node("Mul", ["a", "scale"], ["out"])]
+    inits = [f32("eps", eps), f32("num", np.maximum(mean_hi, eps).reshape(1, channels, 1, 1)), f32("one", 1.0),
+             f32("p", power)]
+    shape = ["N", channels, H, W]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 4.0, 6.0, 1.5])
+def test_factor_form_equals_the_straightforward_form(tmp_path, power):
+    """B' / Max(mu, B') and the power by repeated squaring against Min(B' / Max(mu, eps), 1) and Pow:
+    bit for bit where the factor is 1 (means in bounds, all-zero images) and for p = 1 and fractional p;
+    within a few float32 ulps of the factor where it scales (products instead of std::pow)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(int(power * 10))
+    channels = 64
+    a = np.abs(rng.normal(0.5, 1.0, (12, channels, H, W))).astype(np.float32)
+    a[3] = 0.0
+    a[4, :7] *= rng.uniform(1.5, 40.0, (7, 1, 1)).astype(np.float32)  # some channels over their bound
+    mean_hi = a[5:].mean(axis=(2, 3)).max(axis=0) * 1.001
+    mean_hi[:3] = 0.0  # channels dead on clean images: B below eps
+    nodes = [helper.make_node("Identity", ["input"], ["a"]), helper.make_node("Identity", ["a"], ["output"])]
+    shape = ["N", channels, H, W]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx")
+    proto, _ = clamp_maps(model, {"a": ClampBound(hi=None, mean=MeanBound(mean_hi, power=power, eps=1e-3))})
+    ops = [node.op_type for node in proto.graph.node]
+    assert ("Pow" in ops) == (power != int(power)) and "Min" not in ops
+    got = create_session(model, proto, "cpu").run(None, a)[0]
+    want = ort.InferenceSession(straightforward_factor_model(channels, mean_hi, 1e-3, power),
+                                providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    mu = a.mean(axis=(2, 3), keepdims=True)
+    inside = np.broadcast_to(mu <= np.maximum(mean_hi, 1e-3).reshape(1, -1, 1, 1), a.shape)
+    assert (~inside).any() and inside.any()
+    np.testing.assert_array_equal(got[inside], want[inside])
+    np.testing.assert_array_equal(got[inside], a[inside])
+    if power == int(power) and power > 2:
+        np.testing.assert_allclose(got, want, rtol=8 * np.finfo(np.float32).eps, atol=0)
+    else:
+        np.testing.assert_array_equal(got, want)
