@@ -112,7 +112,8 @@ def scan(*args):
                                                        ("digits_blended", ExitCode.SUSPECTED, "suspected")])
 def test_cli_data_free_scan_on_the_fixtures(fixtures_dir, tmp_path, name, code, verdict):
     out = tmp_path / "report.json"
-    result = scan(fixtures_dir / f"{name}.onnx", "--fail-on-suspect", "--json", out)
+    result = scan(fixtures_dir / f"{name}.onnx", "--fail-on-suspect", "--json", out, "--summary",
+                  tmp_path / "summary.md")
     assert result.exit_code == code, result.stderr
     report = json.loads(out.read_text())
     assert report["verdict"] == verdict and report["evidence"]["kind"] == "data-free"
@@ -125,6 +126,8 @@ def test_cli_data_free_scan_on_the_fixtures(fixtures_dir, tmp_path, name, code, 
     if verdict == "suspected":
         assert report["evidence"]["target"] == 0  # the fixture's attack target
     assert "data-free checks" in result.stderr and "--calib DATA" in result.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert ("0 (data-free)" if verdict == "suspected" else "none (data-free)") in summary
     # Without --fail-on-suspect the data-free verdict is reported, and the scan exits 0.
     assert scan(fixtures_dir / f"{name}.onnx", "-q").exit_code == ExitCode.OK
 

@@ -44,6 +44,12 @@ def _suspected_classes(synthesis: dict | None) -> str:
     return ", ".join(map(str, synthesis["suspected"])) or "none"
 
 
+def _datafree_target(datafree: dict) -> str:
+    if datafree["verdict"] != "suspected":
+        return "none (data-free)"
+    return "unknown (data-free)" if datafree["target"] is None else f"{datafree['target']} (data-free)"
+
+
 def outcomes_markdown(outcomes: Sequence[ModelOutcome], title: str = "onnx-linf scan",
                       footer: str | None = None) -> str:
     """One row per model: outcome, model, why, sha256, maps, flagged channels, suspected classes."""
@@ -54,8 +60,9 @@ def outcomes_markdown(outcomes: Sequence[ModelOutcome], title: str = "onnx-linf 
             BADGES.get(m.outcome, m.outcome), f"`{m.path}`", m.reason,
             (m.sha256 or "?")[:12],
             "" if r is None else len(r.taps),
-            "" if r is None else _flagged(r),
-            "" if r is None else _suspected_classes(r.extra.get("synthesis")),
+            "" if r is None else "data-free: no maps measured" if "datafree" in r.extra else _flagged(r),
+            "" if r is None else _datafree_target(r.extra["datafree"]) if "datafree" in r.extra
+            else _suspected_classes(r.extra.get("synthesis")),
         ])
     lines = [f"### {title}", ""]
     lines += _table(["result", "model", "why", "sha256", "maps", "flagged channels", "suspected classes"], rows)
