@@ -144,8 +144,12 @@ def max_margins(model: Model, preprocess: Preprocess, config: MarginConfig | Non
     n_classes = pool_scores.shape[1]
     if n_classes < 3:
         raise UsageError(f"the margin probe needs at least 3 class scores, the model's output has {n_classes}")
-    # Per class, the margin of every pool image: [pool, classes].
-    pool_margins = np.stack([margins_of(pool_scores, np.full(config.pool, k)) for k in range(n_classes)], axis=1)
+    # Per class, the margin of every pool image [pool, classes]: the best other score is the row's
+    # top score, except for the top class itself, whose runner-up is the second score.
+    top2 = np.sort(pool_scores, axis=1)[:, -2:]
+    pool_margins = pool_scores - top2[:, 1:]
+    is_top = np.arange(n_classes)[None, :] == pool_scores.argmax(axis=1)[:, None]
+    pool_margins[is_top] = (top2[:, 1] - top2[:, 0])
     best_pool = pool_margins.max(axis=0)
     if n_classes > config.max_classes:
         keep = np.sort(np.argsort(-best_pool, kind="stable")[:config.max_classes])
