@@ -105,6 +105,9 @@ def scan_command(
         if calib is None and (len(models) > 1 or model.is_dir()):
             raise UsageError("folder and multi-model scans need --calib DATA",
                              hint="scan one model file without --calib for the data-free checks")
+        if calib is None and ray:
+            raise UsageError("--ray computes calibration statistics: it needs --calib DATA",
+                             hint="the data-free checks run in this process")
         if len(models) > 1 or model.is_dir():
             scan_folder(models[0] if len(models) == 1 else models, calib, settings, cli, defaults, evidence,
                         skip_unscannable, json_out, sarif, summary, html_out, quiet, engine=engine)

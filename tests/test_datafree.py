@@ -135,6 +135,7 @@ def test_cli_data_free_scan_on_the_fixtures(fixtures_dir, tmp_path, name, code, 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--synthesize"], "need clean images: add --calib DATA"),
     (["--trigger", "digits_badnets_trigger.png"], "need clean images: add --calib DATA"),
+    (["--ray"], "--ray computes calibration statistics: it needs --calib DATA"),
 ])
 def test_cli_evidence_without_calibration_is_one_line(fixtures_dir, extra, message):
     result = scan(fixtures_dir / "digits_clean.onnx", *[str(fixtures_dir / e) if e.endswith(".png") else e
