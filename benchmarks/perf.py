@@ -260,10 +260,13 @@ def _clamped_runner(path: Path, batches: list[np.ndarray], **options) -> tuple[C
 
     from onnx_linf.commands.clamp import ClampConfig, clamp
     from onnx_linf.measure.sources import FeedSource
+    from onnx_linf.rewrite.blocked import blocked_artifact
 
+    blocked = options.pop("blocked", False)
     options = {"strength": 100.0, **options}
     result = clamp(path, FeedSource(batches), ClampConfig(provider="cpu", batch_size=batches[0].shape[0], **options))
-    session = ort.InferenceSession(result.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    proto = blocked_artifact(result.proto).proto if blocked else result.proto
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run() -> None:
@@ -370,6 +373,8 @@ def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detai
     variants.append((Row("clamped model (position, q=100), plain inference", n, "-"), run))
     run, n = _clamped_runner(path, batches)
     variants.append((Row("clamped model (position + channel-mean, default), plain inference", n, "-"), run))
+    run, n = _clamped_runner(path, batches, blocked=True)
+    variants.append((Row("the same, blocked CPU artefact (`rewrite.blocked_artifact`)", n, "-"), run))
     for _, run in variants:  # warm-up: first runs allocate
         run()
     for r in range(rounds):
@@ -558,15 +563,19 @@ def memory_scaling(path: Path, folders: dict[int, Path], batch: int) -> dict[int
 
 
 def profile(path: Path, spec: Spec, batch: int, rounds: int) -> list[str]:
-    """Kernel time per op type for plain inference and both in-graph forms (all maps, default
-    statistics), sessions run alternately; plus the number of full-size NCHWc->NCHW reorders."""
+    """Kernel time per op type for plain inference, both in-graph scan forms (all maps, default
+    statistics) and the two clamped models, sessions run alternately; plus the number of
+    full-size NCHWc->NCHW reorders."""
     import collections
 
     import onnxruntime as ort
 
+    from onnx_linf.commands.clamp import ClampConfig, clamp
     from onnx_linf.measure.instrument import instrument
+    from onnx_linf.measure.sources import FeedSource
     from onnx_linf.model.load import load_model
     from onnx_linf.model.taps import find_taps
+    from onnx_linf.rewrite.blocked import blocked_artifact
 
     model = load_model(path)
     taps = find_taps(model, "all")
@@ -574,6 +583,12 @@ def profile(path: Path, spec: Spec, batch: int, rounds: int) -> list[str]:
     for method in ("reduce", "pool"):
         protos[method] = instrument(model, taps, DEFAULT_STATS, method=method).serialize()
     x = np.random.default_rng(0).normal(0, 1, (batch, 3, spec.side, spec.side)).astype(np.float32)
+    # The models `clamp` writes (q = 100 on this batch), run as plain inference.
+    for key, bounds in (("clamp position", ("position",)), ("clamp both", ("position", "channel-mean"))):
+        clamped = clamp(path, FeedSource([x]), ClampConfig(provider="cpu", batch_size=batch, strength=100.0,
+                                                           bounds=bounds)).proto
+        protos[key] = clamped.SerializeToString()
+    protos["clamp both, blocked"] = blocked_artifact(clamped).proto.SerializeToString()
     sessions = {}
     for key, payload in protos.items():
         options = ort.SessionOptions()
@@ -615,6 +630,48 @@ def profile(path: Path, spec: Spec, batch: int, rounds: int) -> list[str]:
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
     lines.append("| **whole run** | " + " | ".join(f"**{statistics.median(totals[k]):.0f}**" for k in keys) + " |")
     lines.append("| full-size NCHWc->NCHW reorders | " + " | ".join(str(full_reorders[k]) for k in keys) + " |")
+    return lines
+
+
+def latency(path: Path, spec: Spec, runs: int) -> dict[str, list[float]]:
+    """Batch-1 latency of the original, the sanitized model (default `clamp`, both bounds, q = 100
+    on 16 calibration images) and its blocked CPU artefact: what a serving user sees. One image per
+    request, the sessions taking turns request by request (the order rotating, so all see the same
+    load), `runs` requests each after 10 warm-up requests; seconds per request."""
+    import onnxruntime as ort
+
+    from onnx_linf.commands.clamp import ClampConfig, clamp
+    from onnx_linf.measure.sources import FeedSource
+    from onnx_linf.rewrite.blocked import blocked_artifact
+
+    calib = input_batches(spec, 16)[:1]
+    sanitized = clamp(path, FeedSource(calib), ClampConfig(provider="cpu", batch_size=16, strength=100.0)).proto
+    artefact = blocked_artifact(sanitized).proto
+    sessions = {"original": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
+                "sanitized": ort.InferenceSession(sanitized.SerializeToString(), providers=["CPUExecutionProvider"]),
+                "blocked": ort.InferenceSession(artefact.SerializeToString(), providers=["CPUExecutionProvider"])}
+    images = np.random.default_rng(2).normal(0, 1, (runs, 1, 3, spec.side, spec.side)).astype(np.float32)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    keys = list(sessions)
+    for i in range(runs + 10):
+        order = keys[i % len(keys):] + keys[:i % len(keys)]
+        for key in order:
+            s = sessions[key]
+            t0 = time.perf_counter()
+            s.run(None, {s.get_inputs()[0].name: images[i % runs]})
+            if i >= 10:
+                times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def latency_table(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    lines = ["| model | original p50 / p99 (ms) | sanitized p50 / p99 (ms) | original / sanitized, p50 / p99 "
+             "| blocked artefact p50 / p99 (ms) | original / artefact, p50 / p99 |", "|---|---|---|---|---|---|"]
+    for name, t in results.items():
+        q = {k: np.percentile(np.array(v) * 1000, [50, 99]) for k, v in t.items()}
+        o, s, b = q["original"], q["sanitized"], q["blocked"]
+        lines.append(f"| {name} | {o[0]:.2f} / {o[1]:.2f} | {s[0]:.2f} / {s[1]:.2f} | {o[0] / s[0]:.2f} / "
+                     f"{o[1] / s[1]:.2f} | {b[0]:.2f} / {b[1]:.2f} | {o[0] / b[0]:.2f} / {o[1] / b[1]:.2f} |")
     return lines
 
 
@@ -682,6 +739,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also break the first model's run time down by op type (ORT profiler)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--latency-runs", type=int, default=200,
+                        help="batch-1 requests per model for the latency table (0: no latency table)")
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--e2e-model", default="resnet50")
     parser.add_argument("--e2e-images", type=int, default=32)
@@ -736,12 +795,23 @@ def main() -> None:
             if not args.no_memory:
                 print(f"{name}: memory", file=sys.stderr, flush=True)
                 mem_rows.append((name, memory(paths[name], spec, args.batch, args.memory_runs)))
+        if args.latency_runs > 0:
+            lat = {}
+            for name in names:
+                print(f"{name}: latency", file=sys.stderr, flush=True)
+                lat[name] = latency(paths[name], MODELS[name], args.latency_runs)
+            report += [f"## Latency at batch 1 ({args.latency_runs} requests per model)", "",
+                       "One image per request, the original, the sanitized model (default `clamp`: position and "
+                       "channel-mean bounds on every map) and its blocked CPU artefact taking turns request by "
+                       "request; percentiles over the requests.", "", *latency_table(lat), ""]
         if args.profile:
             name = names[0]
             print(f"{name}: profile", file=sys.stderr, flush=True)
             report += [f"## Where the time goes ({name}, batch {args.batch}, all maps, {','.join(DEFAULT_STATS)})", "",
                        "ORT profiler, kernel time per op type, median of the runs (sessions run alternately). "
-                       "`reduce` is the naive ReduceMax(Abs)/ReduceL1/ReduceL2 form, `pool` the default.", "",
+                       "`reduce` is the naive ReduceMax(Abs)/ReduceL1/ReduceL2 form, `pool` the default; "
+                       "`clamp position` and `clamp both` are the models `onnx-linf clamp` writes (q = 100, "
+                       "position bounds / both bounds), run as plain inference.", "",
                        *profile(paths[name], MODELS[name], args.batch, args.rounds), ""]
         if mem_rows:
             report += ["## Peak RSS (MB, one process per variant)", "",
