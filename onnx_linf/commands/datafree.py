@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import logging
 
-from ..decide.datafree import CLP_THRESHOLD, MARGIN_THRESHOLD, DataFreeVerdict, MarginCheck, clp_check, \
-    datafree_verdict, margin_ratio
+from ..decide.datafree import (
+    CLP_THRESHOLD,
+    MARGIN_THRESHOLD,
+    DataFreeVerdict,
+    MarginCheck,
+    clp_check,
+    datafree_verdict,
+    margin_ratio,
+)
 from ..decide.flag import clp_scores
 from ..measure.margin import MarginConfig, max_margins
 from ..measure.preprocess import Preprocess
