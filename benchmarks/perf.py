@@ -14,6 +14,9 @@ ratio to plain inference is taken per round (adjacent runs share the machine's l
 * with ``--detail``: all maps with fewer statistics, the non-negative (ReLU) maps only, and the
   naive in-graph ReduceMax/ReduceL1/ReduceL2 form (``instrument(method="reduce")``);
 * whole activations as graph outputs + numpy reductions (the approach onnx-linf replaces);
+* the models ``clamp`` writes (position bounds; both bounds) and the blocked CPU artefact of the
+  latter (`rewrite.blocked.blocked_artifact`), run as plain inference, and their batch-1 latency
+  (p50/p99 over ``--latency-runs`` requests, original vs sanitized vs artefact);
 * end to end from a folder of JPEG files: ``pipeline.scan`` vs the same loader feeding the plain
   model, and vs a sequential decode-then-infer loop (decode and preprocess included everywhere).
 
