@@ -268,7 +268,8 @@ def _clamped_runner(path: Path, batches: list[np.ndarray], **options) -> tuple[C
     blocked = options.pop("blocked", False)
     options = {"strength": 100.0, **options}
     result = clamp(path, FeedSource(batches), ClampConfig(provider="cpu", batch_size=batches[0].shape[0], **options))
-    proto = blocked_artifact(result.proto).proto if blocked else result.proto
+    feed = [{result.proto.graph.input[0].name: batches[0]}]
+    proto = blocked_artifact(result.proto, check=feed).proto if blocked else result.proto
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_linf.errors import RewriteError
 from onnx_linf.model.load import load_model
 from onnx_linf.rewrite.blocked import BLOCK_KEY, _to_blocked, blocked_artifact, nchwc_block_size
 from onnx_linf.rewrite.clamp import ClampBound, MeanBound, clamp_maps
@@ -82,7 +83,7 @@ def test_artefact_matches_the_portable_model_where_bounds_bind(tmp_path):
         "c": ClampBound(hi=m["c"].max(axis=0)),
     }
     proto, _ = clamp_maps(model, bounds)
-    result = blocked_artifact(proto)
+    result = blocked_artifact(proto, check=[{"input": calib}, {"input": 3 * calib}])
     assert result.block == BLOCK
     assert dict((p.key, p.value) for p in result.proto.metadata_props)[BLOCK_KEY] == str(BLOCK)
     assert result.reorders_after < result.reorders_before and result.blocked_ops > 0
@@ -114,3 +115,17 @@ def test_model_without_blocked_maps_is_returned_working(tmp_path):
     got = ort.InferenceSession(result.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None,
                                                                                                           {"input": x})
     np.testing.assert_array_equal(got[0], np.minimum(np.maximum(x, 0), 0.5))
+
+
+@needs_nchwc
+def test_check_refuses_an_artefact_that_disagrees(tmp_path, monkeypatch):
+    """A wrong block order (as on a CPU with another block size) is caught by the check feeds."""
+    import onnx_linf.rewrite.blocked as blocked
+
+    model = conv_net(tmp_path)
+    calib = np.random.default_rng(4).normal(0, 1, (8, 3, S, S)).astype(np.float32)
+    m = maps(model, calib)
+    proto, _ = clamp_maps(model, {"a": ClampBound(hi=m["a"].max(axis=0))})
+    monkeypatch.setattr(blocked, "nchwc_block_size", lambda: BLOCK // 2)
+    with pytest.raises(RewriteError, match="differs from the portable model"):
+        blocked.blocked_artifact(proto, check=[{"input": 3 * calib}])

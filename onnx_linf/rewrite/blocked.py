@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,16 +162,18 @@ def _toposort(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodePro
     return out
 
 
-def blocked_artifact(proto: onnx.ModelProto) -> BlockedResult:
+def blocked_artifact(proto: onnx.ModelProto, check: Sequence[Mapping[str, np.ndarray]] = (),
+                     rtol: float = 1e-5) -> BlockedResult:
     """ORT's optimised CPU graph of `proto`, with its elementwise bounds on the blocked tensors.
 
     The result computes the same values as `proto` (the same float operations on the same
-    elements, in another memory order); callers check it against `proto` on real inputs before
-    writing it (``clamp --cpu-artifact`` does, bit for bit).
+    elements, in another memory order; a blocked pool may add in another order, so outputs agree
+    to float rounding). Every feed in `check` is run through both, and the artefact is refused
+    unless every output is within ``rtol`` of `proto`'s (relative to the output's largest value).
 
     Raises:
-        RewriteError: this ONNX Runtime build or CPU has no NCHWc layout, or the model is too large
-            to pass through memory (external data).
+        RewriteError: this ONNX Runtime build or CPU has no NCHWc layout, the model is too large
+            to pass through memory (external data), or the artefact disagrees on a `check` feed.
     """
     block = nchwc_block_size()
     if block is None:
@@ -241,11 +244,26 @@ def blocked_artifact(proto: onnx.ModelProto) -> BlockedResult:
     del opt.metadata_props[:]
     opt.metadata_props.extend(list(proto.metadata_props) + [onnx.StringStringEntryProto(key=BLOCK_KEY,
                                                                                          value=str(block))])
+    if check:
+        _check(proto, opt, check, rtol)
     after = sum(n.op_type in ("ReorderInput", "ReorderOutput") for n in kept)
     blocked_ops = sum(1 for n in kept if any(o.endswith("/blocked") for o in n.output))
     log.info("blocked CPU artefact: block %d, %d elementwise ops converted (%d kept), reorders %d -> %d",
              block, converted, blocked_ops, reorders_before, after)
     return BlockedResult(opt, block, reorders_before, after, blocked_ops)
+
+
+def _check(proto: onnx.ModelProto, artefact: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
+           rtol: float) -> None:
+    portable, blocked = _session(proto.SerializeToString()), _session(artefact.SerializeToString())
+    for k, feed in enumerate(feeds):
+        for name, want, got in zip([o.name for o in portable.get_outputs()], portable.run(None, dict(feed)),
+                                   blocked.run(None, dict(feed))):
+            scale = float(np.abs(want).max()) if want.size else 0.0
+            worst = float(np.abs(got.astype(np.float64) - want).max()) if want.size else 0.0
+            if not worst <= rtol * max(scale, 1e-30):
+                raise RewriteError(f"blocked artefact: output '{name}' differs from the portable model on "
+                                   f"feed {k} by {worst:.3g} (allowed {rtol:g} x {scale:.3g})")
 
 
 def _convert(n: onnx.NodeProto, blocked: dict, consts: dict, shapes: dict, block: int, fresh, const
