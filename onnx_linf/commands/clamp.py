@@ -44,10 +44,10 @@ MIN_CROSSFIT_IMAGES_PER_FOLD = 2
 
 #: The two kinds of bound (both by default).
 BOUND_KINDS = ("position", "channel-mean")
-#: Default exponent of the channel-mean scale factor. Measured (FINDINGS in the clamp notes of the
-#: README): p = 2 leaves full-image triggers working (digits Blended 80%, VGG SIG 85% ASR at q 99),
-#: harder gating removes more; p = 6 was the knee on the CIFAR VGG (Blended 7.1 -> 2.9% for
-#: -1 pt ACC; p = 16 costs 2.3 pt).
+#: Default exponent of the channel-mean scale factor (README, "Clamp with the channel-mean bound"):
+#: p = 2 leaves full-image triggers working (digits Blended 78%, VGG SIG 85% ASR at q 99), harder
+#: gating removes more; p = 6 was the knee on the CIFAR VGG (Blended 7.2 -> 3.0% for -1 pt ACC;
+#: p = 16 cost 2.3 pt). Not best everywhere: on the ResNet-8 SIG model p = 2 did better (6.5 vs 19.7%).
 DEFAULT_POWER = 6.0
 
 
