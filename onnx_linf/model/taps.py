@@ -111,7 +111,7 @@ class GraphIndex:
         self.initializers = {init.name: init for init in graph.initializer}
         self.constants = {n.output[0]: n for n in self.nodes if n.op_type == "Constant"}
         self.graph_outputs = {o.name for o in graph.output}
-        self.shapes, self.types = _infer_shapes(proto)
+        self.shapes, self.types = infer_shapes(proto)
 
     def node_name(self, node: onnx.NodeProto) -> str:
         """Name of a node, falling back to its position for unnamed nodes."""
@@ -136,7 +136,7 @@ class GraphIndex:
         return None if shape is None else len(shape)
 
 
-def _infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | None, ...]], dict[str, int]]:
+def infer_shapes(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int | str | None, ...]], dict[str, int]]:
     """Shapes and element types of the graph's tensors, as far as shape inference knows them."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)

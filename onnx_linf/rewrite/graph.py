@@ -19,6 +19,7 @@ from onnx.external_data_helper import uses_external_data
 
 from ..errors import RewriteError, UnsupportedModelError
 from ..model.load import Model
+from ..model.taps import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +140,12 @@ class GraphFacts:
 
 
 def tensor_types(proto: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple]]:
-    """Element types and shapes of the graph's tensors (best effort: shape inference may fail)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    except Exception as exc:  # shape inference is best effort; failures only lose type facts
-        log.debug("shape inference failed: %s", exc)
-        inferred = proto
-    types: dict[str, int] = {}
-    shapes: dict[str, tuple] = {}
-    graph = inferred.graph
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        tt = vi.type.tensor_type
-        if tt.elem_type:
-            types[vi.name] = int(tt.elem_type)
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
-    for init in graph.initializer:
+    """Element types and shapes of the graph's tensors (`taps.infer_shapes`, best effort), symbolic
+    dims as None, initializers included."""
+    inferred, types = infer_shapes(proto)
+    shapes: dict[str, tuple] = {name: tuple(d if isinstance(d, int) else None for d in dims)
+                                for name, dims in inferred.items()}
+    for init in proto.graph.initializer:
         types[init.name] = int(init.data_type)
         shapes[init.name] = tuple(init.dims)
     return types, shapes
