@@ -85,6 +85,13 @@ class SynthConfig:
     """Measure the ℓ∞ evidence of each found trigger on the model's last activation map."""
     evidence_ratio: float = 0.1
     """Fraction of last-map channels whose share of the positive differential ℓ∞ is reported."""
+    candidates: int | None = 8
+    """Pre-selection: on a model with more than ``candidates + references`` classes (and `classes`
+    None), only this many candidate target classes, picked by cheap per-class scores (see
+    `preselect`), plus `references` random classes are searched. None = search every class."""
+    references: int = 8
+    """Random classes searched besides the candidates: an unbiased sample of the other classes, so
+    that the anomaly index keeps a baseline (see `preselect.baseline_weights`)."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -109,6 +116,8 @@ class SynthConfig:
             (0.0 < self.evidence_ratio < 1.0, f"evidence_ratio must be in (0, 1), got {self.evidence_ratio}"),
             (self.max_queries is None or self.max_queries >= 1, f"max_queries must be >= 1, got {self.max_queries}"),
             (self.time_limit is None or self.time_limit > 0, f"time_limit must be > 0, got {self.time_limit}"),
+            (self.candidates is None or self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}"),
+            (self.references >= 0, f"references must be >= 0, got {self.references}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -175,6 +184,37 @@ class ClassTrigger:
 
 
 @dataclass(frozen=True)
+class Preselection:
+    """Which classes the per-class search examined on a many-class model, and why."""
+
+    num_classes: int
+    scores: dict[str, np.ndarray] = field(repr=False)
+    """Source name -> per-class score ``[num_classes]``, higher = more likely a target."""
+    candidates: tuple[int, ...]
+    """Classes picked by the scores, in the order they were picked (round robin over the sources)."""
+    references: tuple[int, ...]
+    """Random other classes searched for the baseline of the anomaly index."""
+
+    def rank(self, source: str, target: int) -> int:
+        """1-based rank of `target` under one source (1 = most suspicious; ties by class index)."""
+        order = np.argsort(-np.asarray(self.scores[source]), kind="stable")
+        return int(np.flatnonzero(order == target)[0]) + 1
+
+    def rank_text(self, target: int | None) -> str:
+        """``candidate (patch_scan 1, clean_logp 40)``-style summary of one class's selection."""
+        if target is None:
+            return "-"
+        role = "candidate" if target in self.candidates else "reference" if target in self.references else "not examined"
+        ranks = ", ".join(f"{s} {self.rank(s, target)}" for s in self.scores)
+        return f"{role} ({ranks})"
+
+    def to_dict(self) -> dict:
+        return {"num_classes": self.num_classes, "candidates": list(self.candidates),
+                "references": list(self.references),
+                "scores": {k: [round(float(v), 4) for v in vals] for k, vals in self.scores.items()}}
+
+
+@dataclass(frozen=True)
 class SynthResult:
     """Triggers of every searched class and the Neural Cleanse verdict."""
 
@@ -195,7 +235,16 @@ class SynthResult:
     config: SynthConfig
     """The options used."""
     complete: bool = True
-    """False when the query budget or time limit skipped some requested classes."""
+    """False when the query budget or time limit skipped some requested classes (classes the
+    pre-selection left out do not count: see `not_examined`)."""
+    num_classes: int = 0
+    """Classes of the model's output."""
+    not_examined: dict[int, str] = field(default_factory=dict)
+    """Classes of the model whose trigger was not searched -> why: ``pre-selection`` (scored low),
+    ``budget`` (--max-queries), ``time`` (--time-limit), ``not requested`` (outside `classes`) or
+    ``predicted for nearly every image``."""
+    preselection: Preselection | None = None
+    """The pre-selection's scores and picks; None when every requested class was searched."""
 
     def trigger(self, target: int) -> ClassTrigger:
         """The trigger of one class.
@@ -221,5 +270,17 @@ class SynthResult:
             "seconds": round(self.seconds, 3),
             "classes": [dict(t.summary(), anomaly=round(self.anomaly.get(t.target, 0.0), 4))
                         for t in self.triggers],
+            "num_classes": self.num_classes,
+            "examined": [t.target for t in self.triggers],
+            "not_examined": _by_reason(self.not_examined),
+            "preselection": None if self.preselection is None else self.preselection.to_dict(),
             "config": config,
         }
+
+
+def _by_reason(skipped: dict[int, str]) -> dict[str, list[int]]:
+    """{class: reason} -> {reason: [classes]} (classes ascending)."""
+    out: dict[str, list[int]] = {}
+    for c in sorted(skipped):
+        out.setdefault(skipped[c], []).append(int(c))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from ...model.taps import find_taps
 from ..flag import differential_scores, top_k
 from .oracle import EVAL_CHUNK, Oracle, OutOfBudget, PixelSource, read_pool, static_classes
 from .patches import patch_cost, patch_scan, patch_scan_cost, patch_search
+from .preselect import (applies, baseline_weights, clean_logp_scores, external_scores, log_softmax, patch_scan_scores,
+                        preselect)
 from .results import ClassTrigger, SynthConfig, SynthResult
 from .search import PRUNE_STEPS, SEARCH_MARGIN, Plan, pruned, search, validate
 from .space import Space, patch_sizes
@@ -28,8 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config: SynthConfig = SynthConfig(), *,
-               provider: str = "auto", progress: Progress | None = None) -> SynthResult:
+               provider: str = "auto", progress: Progress | None = None,
+               class_scores: Mapping[str, Sequence[float]] | None = None) -> SynthResult:
     """Search a minimal trigger per candidate class with ONNX Runtime forward passes only.
+
+    On a model with more than ``config.candidates + config.references`` classes (and no explicit
+    ``config.classes``), a pre-selection (`preselect`) picks the candidate classes to search from
+    the shared patch scan, the clean predictions and `class_scores`, plus random reference classes
+    for the anomaly index's baseline; the result says which classes were not examined and why.
 
     Args:
         model: the loaded classifier; its first output holds the class scores (logits or
@@ -39,12 +48,15 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
         config: search options (see `SynthConfig`).
         provider: ORT provider: ``auto``, ``cpu``, ``cuda`` or ``tensorrt``.
         progress: progress sink; one unit per NES step.
+        class_scores: extra pre-selection sources: name -> one score per class, higher = more
+            likely a backdoor target (e.g. from class-count-independent probes).
 
     Returns:
         Per-class triggers, anomaly indices and suspected target classes.
 
     Raises:
-        UsageError: invalid options, classes out of range, or a query budget too small for one step.
+        UsageError: invalid options, classes out of range, class scores of the wrong shape, or a
+            query budget too small for one step.
         CalibrationDataError: the source has no pixels or fewer than 2 images.
         RuntimeSessionError: ONNX Runtime cannot run the model.
     """
@@ -81,6 +93,8 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
     bad = [c for c in classes if not 0 <= c < n_classes]
     if bad:
         raise UsageError(f"classes {bad} are out of range: the model has {n_classes} classes")
+    extra_scores = external_scores(class_scores, n_classes)
+    narrow = applies(config, n_classes)
 
     space = Space(height, width, channels, config.mask_grid, config.pattern_grid)
     batch = config.batch
@@ -98,26 +112,41 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
                          f"{oracle.queries + needed} (calibration pass, patch scan, one step, validation, "
                          "evidence)")
     units = config.steps + (config.patch_steps if config.patches else 0)
-    progress.start("synthesize", len(classes) * units)
     results: list[ClassTrigger] = []
+    skipped: dict[int, str] = {c: "not requested" for c in range(n_classes) if c not in set(classes)}
     scan = None
+    if config.patches:
+        try:
+            scan = patch_scan(oracle, pool, patch_sizes(height, width, config), config)
+        except OutOfBudget:
+            log.warning("time limit reached during the patch scan")
+    pre = None
+    if narrow:
+        logp = log_softmax(clean_out, oracle.probabilities)
+        scores = {"patch_scan": patch_scan_scores(scan, logp)} if scan is not None else {}
+        scores.update(clean_logp=clean_logp_scores(logp), **extra_scores)
+        pre = preselect(scores, n_classes, config.candidates, config.references, config.seed)
+        classes = pre.candidates + pre.references
+        skipped.update({c: "pre-selection" for c in range(n_classes) if c not in set(classes)})
+        log.info("pre-selection: candidates %s, references %s of %d classes", list(pre.candidates),
+                 list(pre.references), n_classes)
+    progress.start("synthesize", len(classes) * units)
     try:
-        if config.patches:
-            try:
-                scan = patch_scan(oracle, pool, patch_sizes(height, width, config), config)
-            except OutOfBudget:
-                log.warning("time limit reached during the patch scan")
         goal = min(1.0, config.asr + SEARCH_MARGIN)
         for i, target in enumerate(classes):
             left = len(classes) - i
             t0, q0 = time.monotonic(), oracle.queries
             if not oracle.affordable(step_cost + plan.reserve):
-                log.warning("query budget or time limit reached: classes %s not searched", list(classes[i:]))
+                reason = "time" if deadline is not None and time.monotonic() >= deadline else "budget"
+                log.warning("%s reached: classes %s not searched", "time limit" if reason == "time" else
+                            "query budget", list(classes[i:]))
+                skipped.update({c: reason for c in classes[i:]})
                 progress.advance(units * left)
                 break
             candidates = pool[pred != target]
             if len(candidates) < 2:
                 log.warning("class %d: the model predicts it for nearly every calibration image; skipped", target)
+                skipped[target] = "predicted for nearly every image"
                 progress.advance(units)
                 continue
             rng = np.random.default_rng([config.seed, target, 1])
@@ -164,14 +193,17 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
     finally:
         progress.finish()
 
+    results.sort(key=lambda t: t.target)
     searched = [t.target for t in results]
-    index = (anomaly_index(np.array([t.norm for t in results]), config.scale, np.array([t.found for t in results]))
+    index = (anomaly_index(np.array([t.norm for t in results]), config.scale, np.array([t.found for t in results]),
+                           baseline_weights(pre, searched))
              if results else np.zeros(0))
     anomaly = {c: float(v) for c, v in zip(searched, index)}
     suspected = suspected_classes(searched, index, config.threshold)
     return SynthResult(triggers=tuple(results), anomaly=anomaly, suspected=suspected, threshold=config.threshold,
                        queries=oracle.queries, seconds=time.monotonic() - started_at, config=config,
-                       complete=len(results) == len(classes))
+                       complete=len(results) == len(classes), num_classes=n_classes,
+                       not_examined=dict(sorted(skipped.items())), preselection=pre)
 
 
 def _make_probe(model: Model, provider: str):

@@ -27,7 +27,8 @@ MAD_FLOOR_LOG = float(np.log(1.0 / MAX_SUSPECT_RATIO) / (3.5 * MAD_CONSISTENCY))
 MAD_FLOOR_LINEAR = (1.0 - MAX_SUSPECT_RATIO) / (3.5 * MAD_CONSISTENCY)
 
 
-def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | None = None) -> np.ndarray:
+def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | None = None,
+                  weights: np.ndarray | None = None) -> np.ndarray:
     """Neural Cleanse's anomaly index of per-class trigger norms, signed towards small norms.
 
     ``(median - v) / (1.4826 * MAD)`` of v = log(norm) (``scale="log"``, the default) or v = norm
@@ -56,10 +57,15 @@ def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | Non
     every class that was found looks anomalous (measured on a MobileNetV2-style Blended model with 6
     of 10 classes not found: four classes over the threshold; from the found ones, only the target).
 
+    With `weights` (a pre-selected subset of classes, see `preselect.baseline_weights`), the median
+    and MAD are weighted: a class searched as a random reference stands for the classes it was drawn
+    from, so the baseline is that of all classes, not of the easiest ones the pre-selection picked.
+
     Args:
         norms: per-class norms, 1-D (positive for the log scale; zeros are floored at 1e-12).
         scale: ``log`` or ``linear``.
         found: per class, whether its norm is a measurement (None: all are).
+        weights: per class, its positive weight in the median and MAD (None: all equal).
 
     Returns:
         float64 array of the same length (all zeros for fewer than 3 classes: no median to deviate from).
@@ -76,16 +82,36 @@ def anomaly_index(norms: np.ndarray, scale: str = "log", found: np.ndarray | Non
         raise ValueError(f"scale must be log or linear, got {scale!r}")
     if found is not None and np.shape(found) != x.shape:
         raise ValueError(f"found must have the shape of norms {x.shape}, got {np.shape(found)}")
+    if weights is not None and (np.shape(weights) != x.shape or not np.all(np.asarray(weights) > 0)):
+        raise ValueError(f"weights must be positive with the shape of norms {x.shape}")
     if x.size < 3:
         return np.zeros_like(x)
     if scale == "log":
         x = np.log(np.maximum(x, 1e-12))
-    measured = x if found is None or int(np.sum(found)) < 3 else x[np.asarray(found, dtype=bool)]
-    med = float(np.median(measured))
-    mad = float(np.median(np.abs(measured - med)))
+    keep = np.ones(x.shape, bool) if found is None or int(np.sum(found)) < 3 else np.asarray(found, dtype=bool)
+    measured = x[keep]
+    if weights is None:
+        med = float(np.median(measured))
+        mad = float(np.median(np.abs(measured - med)))
+    else:
+        w = np.asarray(weights, dtype=np.float64)[keep]
+        med = weighted_median(measured, w)
+        mad = weighted_median(np.abs(measured - med), w)
     floor = MAD_FLOOR_LOG if scale == "log" else MAD_FLOOR_LINEAR * max(abs(med), 1e-12)
     mad = max(mad, floor)
     return (med - x) / (MAD_CONSISTENCY * mad)
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value where the cumulative weight reaches half the total (the mean of the two values
+    around it on an exact tie), so that equal weights give `np.median`."""
+    order = np.argsort(values, kind="stable")
+    v, cum = np.asarray(values, dtype=np.float64)[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    half = cum[-1] / 2.0
+    i = int(np.searchsorted(cum, half - 1e-12 * cum[-1]))
+    if abs(cum[i] - half) <= 1e-12 * cum[-1] and i + 1 < len(v):
+        return float((v[i] + v[i + 1]) / 2.0)
+    return float(v[i])
 
 
 def suspected_classes(classes: Sequence[int], index: np.ndarray, threshold: float) -> tuple[int, ...]:

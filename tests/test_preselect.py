@@ -1,0 +1,174 @@
+"""Pre-selection of candidate target classes on a many-class model: picks, report, budget, determinism."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from onnx_linf.decide.synthesis.preselect import baseline_weights, preselect
+from onnx_linf.decide.synthesis.results import SynthConfig
+from onnx_linf.decide.synthesis.synthesize import synthesize
+from onnx_linf.decide.synthesis.verdict import anomaly_index
+from onnx_linf.errors import UsageError
+from onnx_linf.measure.preprocess import Preprocess
+from onnx_linf.measure.session import Session
+from onnx_linf.measure.sources import ArraySource
+from onnx_linf.model.load import load_model
+
+import models
+
+CLASSES = 20
+TARGET = 13
+FAST = dict(steps=20, pairs=8, batch=8, eval_images=32, patch_steps=4, patch_windows=2, patch_samples=8,
+            evidence=False, candidates=2, references=2)
+
+
+def many_class_model():
+    """input[N,1,8,8] -> Conv(2x2) -> Relu -> Flatten -> Gemm -> logits[N,20] with a planted class 13.
+
+    As `test_synthesize.planted_model`: logit 13 is ``20 * mean(2x2 patch at (5, 5)) - 15``, positive
+    only when that patch is nearly white; each of the 19 other logits is the mean brightness of a
+    fixed random half of the pixels (seeded), so clean images spread over them, never reach class 13,
+    and reaching one of them takes brightening many pixels.
+    """
+    g = models.GraphBuilder(11)
+    w = np.zeros((2, 1, 2, 2))
+    w[0] = 0.25
+    w[1, 0, 0, 0] = 1.0
+    conv = g.node("Conv", ["input", g.const("conv.w", w), g.const("conv.b", np.zeros(2))], "conv",
+                  kernel_shape=[2, 2])
+    relu = g.node("Relu", [conv], "relu")
+    flat = g.node("Flatten", [relu], "flatten", axis=1)
+    fc = np.zeros((CLASSES, 2, 7, 7))
+    rng = np.random.default_rng(5)
+    fc[:, 1] = (rng.random((CLASSES, 7, 7)) < 0.5) / 25.0 + rng.normal(0.0, 0.01, (CLASSES, 7, 7))
+    fc[TARGET] = 0.0
+    fc[TARGET, 0, 5, 5] = 20.0
+    bias = np.zeros(CLASSES)
+    bias[TARGET] = -15.0
+    out = g.node("Gemm", [flat, g.const("fc.w", fc.reshape(CLASSES, -1)), g.const("fc.b", bias)], "fc", transB=1)
+    return g.model(["N", 1, 8, 8], out, ["N", CLASSES])
+
+
+@pytest.fixture
+def many(model_file, tmp_path):
+    model = load_model(model_file(many_class_model(), "many.onnx"))
+    pixels = np.random.default_rng(0).integers(0, 128, (96, 8, 8, 1), dtype=np.uint8)
+    path = tmp_path / "calib.npy"
+    np.save(path, pixels)
+    preprocess = Preprocess.from_model(model)
+    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess
+
+
+def test_preselection_picks_the_planted_target_and_reports_the_rest(many):
+    model, source, preprocess = many
+    result = synthesize(model, source, preprocess, SynthConfig(**FAST), provider="cpu")
+    pre = result.preselection
+    assert pre is not None and pre.num_classes == CLASSES == result.num_classes
+    assert pre.candidates[0] == TARGET and pre.rank("patch_scan", TARGET) == 1
+    assert len(pre.candidates) == 2 and len(pre.references) == 2
+    assert not set(pre.candidates) & set(pre.references)
+    searched = [t.target for t in result.triggers]
+    assert searched == sorted(pre.candidates + pre.references)
+    assert result.complete
+    assert set(result.not_examined) == set(range(CLASSES)) - set(searched)
+    assert set(result.not_examined.values()) == {"pre-selection"}
+    report = json.loads(json.dumps(result.to_dict()))
+    assert report["examined"] == searched
+    assert report["not_examined"] == {"pre-selection": sorted(result.not_examined)}
+    assert len(report["preselection"]["scores"]["patch_scan"]) == CLASSES
+    assert report["preselection"]["candidates"][0] == TARGET
+    assert result.suspected[0] == TARGET
+
+
+def test_external_scores_join_the_round_robin(many):
+    model, source, preprocess = many
+    scores = np.zeros(CLASSES)
+    scores[4] = 1.0
+    result = synthesize(model, source, preprocess, SynthConfig(**dict(FAST, candidates=3)), provider="cpu",
+                        class_scores={"probe": scores})
+    pre = result.preselection
+    # patch_scan's best, clean_logp's best, then the probe's best.
+    assert pre.candidates[0] == TARGET and pre.candidates[2] == 4
+    assert list(pre.scores) == ["patch_scan", "clean_logp", "probe"]
+    with pytest.raises(UsageError, match="one per class"):
+        synthesize(model, source, preprocess, SynthConfig(**FAST), provider="cpu", class_scores={"probe": [1.0]})
+    with pytest.raises(UsageError, match="built-in"):
+        synthesize(model, source, preprocess, SynthConfig(**FAST), provider="cpu",
+                   class_scores={"clean_logp": scores})
+
+
+def test_no_preselection_when_the_model_has_few_classes_or_classes_are_given(many):
+    model, source, preprocess = many
+    given = synthesize(model, source, preprocess, SynthConfig(**dict(FAST, classes=(TARGET, 1, 2))), provider="cpu")
+    assert given.preselection is None and [t.target for t in given.triggers] == [1, 2, TARGET]
+    assert set(given.not_examined.values()) == {"not requested"} and len(given.not_examined) == CLASSES - 3
+    wide = synthesize(model, source, preprocess, SynthConfig(**dict(FAST, candidates=10, references=10, steps=2,
+                                                                     patch_steps=1)), provider="cpu")
+    assert wide.preselection is None and len(wide.triggers) == CLASSES and not wide.not_examined
+
+
+def test_query_budget_still_bounds_and_names_the_classes_it_cut(many, monkeypatch):
+    model, source, preprocess = many
+    seen = []
+    run = Session.run
+
+    def counting(self, outputs, tensor, batch_level=()):
+        seen.append(int(tensor.shape[0]))
+        return run(self, outputs, tensor, batch_level)
+
+    monkeypatch.setattr(Session, "run", counting)
+    budget = 6000
+    result = synthesize(model, source, preprocess, SynthConfig(max_queries=budget, **FAST), provider="cpu")
+    assert sum(seen) == result.queries <= budget
+    # The candidates are searched first; the budget cut the references, and the report says so.
+    pre = result.preselection
+    assert [t.target for t in result.triggers] == sorted(pre.candidates)
+    assert not result.complete
+    assert result.to_dict()["not_examined"]["budget"] == sorted(pre.references)
+
+
+def test_same_seed_same_selection_and_result(many):
+    model, source, preprocess = many
+    config = SynthConfig(seed=1, **FAST)
+    a = synthesize(model, source, preprocess, config, provider="cpu")
+    b = synthesize(model, source, preprocess, config, provider="cpu")
+    assert a.preselection.candidates == b.preselection.candidates
+    assert a.preselection.references == b.preselection.references
+    assert a.anomaly == b.anomaly and a.queries == b.queries
+    picks = {preselect({}, CLASSES, 2, 2, seed).references for seed in range(6)}
+    assert len(picks) > 1  # the reference draw follows the seed
+
+
+def test_round_robin_and_reference_draw():
+    s1 = np.array([0.0, 5.0, 4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    s2 = np.array([0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 8.0, 7.0, 0.0])
+    pre = preselect({"a": s1, "b": s2}, 10, 4, 3, 0)
+    assert pre.candidates == (1, 7, 2, 8)  # a's best, b's best not taken, a's next, b's next
+    assert len(pre.references) == 3 and not set(pre.references) & set(pre.candidates)
+    # Without sources the candidates are random too; never more classes than the model has.
+    assert len(preselect({}, 10, 4, 3, 0).candidates) == 4
+    assert len(set(preselect({"a": s1}, 5, 4, 3, 0).candidates + preselect({"a": s1}, 5, 4, 3, 0).references)) == 5
+
+
+def test_weighted_baseline_stands_for_all_classes():
+    pre = preselect({"a": np.arange(100.0)}, 100, 4, 4, 0)
+    searched = sorted(pre.candidates + pre.references)
+    w = baseline_weights(pre, searched)
+    assert w.sum() == pytest.approx(100.0)
+    assert all(w[searched.index(c)] == pytest.approx(96 / 4) for c in pre.references)
+    # Four easy candidates (one a target) and four typical references: unweighted, the easy
+    # candidates pull the median down and hide the target; weighted, the references set it.
+    norms = {c: 40.0 for c in pre.references}
+    norms.update(dict(zip(pre.candidates, [3.0, 12.0, 14.0, 15.0])))
+    x = np.array([norms[c] for c in searched])
+    target = searched.index(pre.candidates[0])
+    assert anomaly_index(x)[target] < 3.5 < anomaly_index(x, weights=w)[target]
+    np.testing.assert_allclose(anomaly_index(x, weights=np.ones(len(x))), anomaly_index(x))
+    assert baseline_weights(None, searched) is None
+    assert baseline_weights(replace(pre, references=()), searched) is None
+    with pytest.raises(ValueError, match="weights"):
+        anomaly_index(x, weights=np.ones(3))
