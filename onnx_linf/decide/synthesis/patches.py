@@ -29,8 +29,6 @@ class PatchScan:
     """Per window: ``[samples, size * size + chroma]`` pattern parameters of the random patterns."""
     best: np.ndarray
     """``[windows, classes]`` index of the best pattern."""
-    images: np.ndarray
-    """Indices (into the calibration pool) of the images the patterns were stamped on."""
 
 
 def patch_scan(oracle: Oracle, pool: np.ndarray, sizes: Sequence[int], config: SynthConfig) -> PatchScan:
@@ -43,8 +41,7 @@ def patch_scan(oracle: Oracle, pool: np.ndarray, sizes: Sequence[int], config: S
     rng = np.random.default_rng([config.seed, 1 << 20])
     h, w, c = pool.shape[1:]
     windows = patch_windows(h, w, sizes)
-    chosen = rng.choice(len(pool), size=min(config.batch, len(pool)), replace=False)
-    images = pool[chosen]
+    images = pool[rng.choice(len(pool), size=min(config.batch, len(pool)), replace=False)]
     params = []
     for win in windows:
         p = rng.choice([-4.0, 4.0], size=(config.patch_samples, patch_dim(win.size, c)))
@@ -65,7 +62,7 @@ def patch_scan(oracle: Oracle, pool: np.ndarray, sizes: Sequence[int], config: S
         scores.append(logp.max(axis=1))
         bests.append(logp.argmax(axis=1))
     score, best = np.concatenate(scores), np.concatenate(bests)
-    return PatchScan(windows, score, params, best, chosen)
+    return PatchScan(windows, score, params, best)
 
 
 def patch_scan_cost(pool_len: int, height: int, width: int, channels: int, config: SynthConfig) -> int:

@@ -4,11 +4,12 @@ The per-class trigger search costs the same for every class (~60k forwards with 
 its cost grows with the class count. Pre-selection scores every class from what the search
 computes anyway, at no extra forwards, plus any per-class scores the caller adds:
 
-* ``patch_scan``: the lift of the shared patch scan (`patches.patch_scan`): per class, the best
-  mean log-probability a random opaque pattern in one window gives it over the scan's images, minus
-  the clean mean log-probability of the class on the same images. A patch backdoor answers a partial
-  trigger in the right place with its target on *every* image; a natural class gains only on the
-  images it is close to already.
+* ``patch_scan``: from the shared patch scan (`patches.patch_scan`), per class, the best mean
+  log-probability a random opaque pattern in one window gives it over the scan's images. A patch
+  backdoor answers a partial trigger in the right place with its target on *every* image; a natural
+  class gains only on the images it is close to already. (The lift over the clean log-probability
+  on the same images ranked the planted target of the 100-class BadNets pairs model 5th, 10th and
+  1st over seeds 0-2; the plain score ranked it 1st on all three.)
 * ``clean_logp``: the clean mean log-probability of the class over the calibration images the model
   does *not* predict as it: classes close to every image are the naturally easy targets (they have
   small natural triggers too, and are what the anomaly index compares against).
@@ -56,10 +57,9 @@ def clean_logp_scores(logp: np.ndarray) -> np.ndarray:
     return (np.where(others, logp, 0.0).sum(axis=0) / counts).astype(np.float64)
 
 
-def patch_scan_scores(scan: PatchScan, logp: np.ndarray) -> np.ndarray:
-    """Per class: best window's mean log-probability minus the clean mean on the scan's images."""
-    base = logp[scan.images].mean(axis=0)
-    return (scan.score.max(axis=0) - base).astype(np.float64)
+def patch_scan_scores(scan: PatchScan) -> np.ndarray:
+    """Per class: the best window's best mean log-probability over the scan's images."""
+    return scan.score.max(axis=0).astype(np.float64)
 
 
 def external_scores(class_scores: Mapping[str, Sequence[float]] | None, num_classes: int) -> dict[str, np.ndarray]:

@@ -123,7 +123,7 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
     pre = None
     if narrow:
         logp = log_softmax(clean_out, oracle.probabilities)
-        scores = {"patch_scan": patch_scan_scores(scan, logp)} if scan is not None else {}
+        scores = {"patch_scan": patch_scan_scores(scan)} if scan is not None else {}
         scores.update(clean_logp=clean_logp_scores(logp), **extra_scores)
         pre = preselect(scores, n_classes, config.candidates, config.references, config.seed)
         classes = pre.candidates + pre.references
