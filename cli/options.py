@@ -128,6 +128,10 @@ def preprocess_options(size: str | None, layout: str | None, channels: str | Non
 SynthFlag = Annotated[bool, typer.Option("--synthesize", help="Synthesize a trigger per class with forward "
                                          "passes only (query-only Neural Cleanse) and use the most anomalous "
                                          "one as evidence.")]
+VerdictFlag = Annotated[bool, typer.Option("--verdict", help="Judge the model with every evidence family: "
+                                          "noise-blend and grating probes (fixed cost, for full-image "
+                                          "triggers) and the patch search of --synthesize; suspected when "
+                                          "any family is. Without --calib: the data-free verdict.")]
 SynthClasses = Annotated[Optional[str], typer.Option("--classes", help="Candidate target classes for "
                                                      "--synthesize, comma-separated (default: all).")]
 SynthSeed = Annotated[int, typer.Option("--seed", help="Seed of --synthesize; the same seed gives the same "

@@ -76,6 +76,19 @@ def synthesis_table(synthesis: dict) -> Table:
     return table
 
 
+def families_table(families: list[dict]) -> Table:
+    """The verdict's evidence families: what each checked, its statistic, threshold, result and cost."""
+    table = Table(title="evidence families (suspected when any is)", title_justify="left")
+    for col in ("family", "top class", "statistic", "second", "threshold", "result", "forwards", "seconds"):
+        table.add_column(col, justify="left" if col in ("family", "result") else "right")
+    for f in families:
+        second = "" if f["second_statistic"] is None else f"{f['second_statistic']:.2f}"
+        top = "" if f["top_statistic"] is None else f"{f['top_statistic']:.2f}"
+        table.add_row(f"{f['family']} ({f['statistic']})", str(f["top_class"]), top, second, f"{f['threshold']:g}",
+                      "suspected" if f["suspected"] else "clean", str(f["queries"]), f"{f['seconds']:.1f}")
+    return table
+
+
 def datafree_table(datafree: dict) -> Table:
     """The data-free checks: statistic, threshold, result and cost, from a report's ``datafree`` section."""
     table = Table(title=f"data-free checks ({datafree['queries']} forwards)", title_justify="left")

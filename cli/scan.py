@@ -21,7 +21,15 @@ from . import options as o
 from .console import BarProgress, console, user_errors, write_json
 from .exit_codes import ExitCode
 from .outputs import HtmlOut, SarifOut, SummaryOut, check_html, check_targets, write_html, write_sarif, write_summary
-from .render import datafree_table, flagged_lines, model_summary, print_notes, synthesis_table, taps_table
+from .render import (
+    datafree_table,
+    families_table,
+    flagged_lines,
+    model_summary,
+    print_notes,
+    synthesis_table,
+    taps_table,
+)
 from .scan_many import ConfigOpt, given_settings, scan_folder
 
 ModelsArg = Annotated[list[Path], typer.Argument(help="ONNX model file, or folders / several files (each "
@@ -44,9 +52,10 @@ def scan_command(
     mask: o.Mask = None,
     suspect: o.Suspect = None,
     synthesize: o.SynthFlag = False,
+    verdict: o.VerdictFlag = False,
     fail_on_suspect: Annotated[bool, typer.Option("--fail-on-suspect", help="Exit 1 when a backdoor is "
-                                                  "suspected (CI gate; needs --synthesize, or no --calib: "
-                                                  "the data-free verdict).")] = False,
+                                                  "suspected (CI gate; needs --verdict or --synthesize, or "
+                                                  "no --calib: the data-free verdict).")] = False,
     classes: o.SynthClasses = None,
     seed: o.SynthSeed = 0,
     max_queries: o.MaxQueries = None,
@@ -81,8 +90,9 @@ def scan_command(
     unless --skip-unscannable. Settings come from --config, or onnx-linf.toml / pyproject.toml
     [tool.onnx-linf] found upward from the working directory; options given here win.
 
-    For a CI gate: --synthesize --fail-on-suspect searches a minimal trigger per class with forward
-    passes only and exits 1 when one class is reached by an anomalously small trigger.
+    For a CI gate: --verdict --fail-on-suspect runs every evidence family (noise-blend and grating
+    probes for full-image triggers, and the patch search) and exits 1 when any family suspects a
+    class. --synthesize alone is the patch search (a minimal trigger per class, forward passes only).
 
     Without --calib the scan is data-free: the CLP outlier of the conv weights and a query-only
     margin search from noise inputs (--max-queries, --time-limit and --seed bound and fix it) give a
@@ -133,7 +143,7 @@ def scan_command(
         for what in report.extra["datafree"]["not_checked"]:
             console.print(f"  not checked: {what}")
         console.print("[bold]next[/]")
-        console.print(f"  with clean images (stronger):  onnx-linf scan {model} --calib DATA --synthesize "
+        console.print(f"  with clean images (stronger):  onnx-linf scan {model} --calib DATA --verdict "
                       "--fail-on-suspect")
     elif not quiet:
         model_summary(report)
@@ -141,6 +151,8 @@ def scan_command(
         flagged_lines(report)
         if "synthesis" in report.extra:
             console.print(synthesis_table(report.extra["synthesis"]))
+        if "evidence_families" in report.extra:
+            console.print(families_table(report.extra["evidence_families"]))
         console.print(f"[bold]verdict[/] {report.verdict}: {report.verdict_reason}")
         print_notes(report.extra.get("notes"))
         _next_steps(model, calib, report.policy["evidence"])

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..decide.flag import Flagged, by_outliers, by_ratio, clean_scores, differential_scores
+from ..decide.probes import ProbeCheck, probe_checks, probes_reason
+from ..decide.synthesis.oracle import read_pool
 from ..decide.synthesis.synthesize import synthesize
 from ..errors import UsageError
 from ..measure.calibrate import Progress
 from ..measure.preprocess import Preprocess, Trigger
 from ..measure.probe import Probe
+from ..measure.probes import ProbeConfig, run_probes
 from ..measure.sources import DataSource, open_source
 from ..measure.stats import ChannelStats
 from ..model.load import Model
@@ -33,6 +36,12 @@ class Evidence:
     """A `synthesize.SynthConfig`: search a trigger per class with forward passes only."""
     synthesis: Any = None
     """The `synthesize.SynthResult` once the search ran (set by `resolve_evidence`)."""
+    probes: ProbeConfig | None = None
+    """Also run the class-count-independent probe families (``scan --verdict``; with `synthesize`)."""
+    probe_checks: tuple[ProbeCheck, ...] | None = None
+    """The probe families' checks once they ran (set by `resolve_evidence`)."""
+    probe_report: dict | None = None
+    """Their report section (``extra["probes"]``), set with `probe_checks`."""
 
     def __post_init__(self) -> None:
         # A resolved synthesis carries its own trigger; otherwise exactly one kind of evidence.
@@ -42,6 +51,8 @@ class Evidence:
             raise UsageError("give one kind of evidence: --trigger/--mask, --suspect or --synthesize")
         if self.mask is not None and self.trigger is None:
             raise UsageError("--mask needs --trigger")
+        if self.probes is not None and self.synthesize is None:
+            raise UsageError("the probe families run with the patch search: use --verdict")
 
     def load_trigger(self, preprocess: Preprocess) -> Trigger | None:
         """The trigger, loaded and checked against the model's input size."""
@@ -51,6 +62,12 @@ class Evidence:
 
     def describe(self) -> dict:
         """Report form."""
+        if self.probes is not None:
+            out = {"kind": "verdict", "families": [*([] if self.probe_checks is None else
+                                                     [c.family for c in self.probe_checks]), "patch-synthesis"]}
+            suspected = self.suspected_classes()
+            out["suspected"], out["target"] = suspected, suspected[0] if suspected else None
+            return out
         if self.synthesize is not None:
             out = {"kind": "synthesized"}
             if self.synthesis is not None:
@@ -65,6 +82,32 @@ class Evidence:
         return {"kind": "suspect", "path": str(self.suspect)}
 
 
+    def suspected_classes(self) -> list[int]:
+        """Classes any family suspects: the patch search's first, then the probes' (no repeats)."""
+        out = list(self.synthesis.suspected) if self.synthesis is not None else []
+        for c in self.probe_checks or ():
+            if c.suspected and c.target not in out:
+                out.append(c.target)
+        return out
+
+
+#: Calibration images read for the probes (the seed picks `ProbeConfig.images` of them).
+PROBE_POOL = 512
+
+
+def run_probe_checks(model: Model, source: DataSource, preprocess: Preprocess, config: ProbeConfig,
+                     provider: str) -> tuple[tuple[ProbeCheck, ...], dict]:
+    """Run the probe families on calibration images: their checks and a report section."""
+    pool = read_pool(source, max(PROBE_POOL, config.images))
+    run = run_probes(model, preprocess, pool, config, provider)
+    checks = probe_checks(run)
+    section = {"families": [c.to_dict() for c in checks], "images": len(run.clean), "classes": run.num_classes,
+               "clean_queries": run.clean_queries,
+               "queries": run.clean_queries + sum(c.queries for c in checks), "seconds": round(run.seconds, 3),
+               "seed": config.seed}
+    return checks, section
+
+
 def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, preprocess: Preprocess,
                      provider: str, progress: Progress | None = None) -> Evidence:
     """Run trigger synthesis when asked; the result carries the most anomalous class's trigger.
@@ -75,10 +118,13 @@ def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, prepr
     """
     if evidence.synthesize is None or evidence.synthesis is not None:
         return evidence
-
+    checks, section = None, None
+    if evidence.probes is not None:
+        checks, section = run_probe_checks(model, source, preprocess, evidence.probes, provider)
     result = synthesize(model, source, preprocess, evidence.synthesize, provider=provider, progress=progress)
     trigger = result.trigger(result.suspected[0]).as_trigger() if result.suspected else None
-    return dataclasses.replace(evidence, trigger=trigger, synthesis=result)
+    return dataclasses.replace(evidence, trigger=trigger, synthesis=result, probe_checks=checks,
+                               probe_report=section)
 
 
 def measure_evidence(probe: Probe, evidence: Evidence, calib: DataSource, preprocess: Preprocess,
@@ -121,3 +167,33 @@ def synthesis_verdict(result: Any) -> tuple[str, str]:
     incomplete = "" if result.complete else " (the query budget or time limit skipped some classes)"
     return "clean", (f"no class's synthesized trigger is anomalously small (max anomaly index "
                      f"{max(result.anomaly.values(), default=0.0):.1f} <= {result.threshold:g}){incomplete}")
+
+
+def patch_family(result: Any) -> dict:
+    """The patch search as one evidence family of the verdict (summary of `SynthResult`)."""
+    order = sorted(result.anomaly, key=lambda k: -result.anomaly[k])
+    top = order[0] if order else None
+    return {"family": "patch-synthesis", "checked": "the smallest patch trigger (mask and pattern) per class, "
+            "searched with forward passes only (query-only Neural Cleanse); anomaly index of its mask L1",
+            "statistic": "anomaly index", "threshold": result.threshold, "suspected": bool(result.suspected),
+            "target": result.suspected[0] if result.suspected else None, "top_class": top,
+            "top_statistic": None if top is None else round(float(result.anomaly[top]), 4),
+            "second_statistic": round(float(result.anomaly[order[1]]), 4) if len(order) > 1 else None,
+            "top": [{"class": int(k), "statistic": round(float(result.anomaly[k]), 4)} for k in order[:3]],
+            "queries": result.queries, "seconds": round(result.seconds, 3), "complete": result.complete}
+
+
+def families_verdict(evidence: Evidence) -> tuple[str, str, list[dict]]:
+    """``scan --verdict``: suspected when any evidence family (probes, patch search) suspects a class.
+
+    Returns:
+        The verdict, its reason, and one summary per family (statistic, threshold, cost).
+    """
+    syn_verdict, syn_reason = synthesis_verdict(evidence.synthesis)
+    fired, quiet = probes_reason(evidence.probe_checks or ())
+    families = [{k: v for k, v in c.to_dict().items() if k != "per_class"} for c in evidence.probe_checks or ()]
+    families.append(patch_family(evidence.synthesis))
+    if syn_verdict == "suspected" or fired:
+        return "suspected", "; ".join(fired + ([syn_reason] if syn_verdict == "suspected" else [])), families
+    return "clean", ("no evidence family suspects a class (" + ", ".join(quiet) + f"); patch search: {syn_reason}"), \
+        families

@@ -21,7 +21,14 @@ from ..report.visuals import Visuals
 from .common import calibration_section, load_with_weights, make_engine, open_calibration, policy_section
 from .crossfit import anomaly_scores, mean_statistics
 from .datafree import datafree_report
-from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
+from .evidence import (
+    Evidence,
+    families_verdict,
+    measure_evidence,
+    resolve_evidence,
+    score_and_flag,
+    synthesis_verdict,
+)
 from .heatmaps import scan_heatmaps
 from .options import ScanConfig
 
@@ -100,8 +107,13 @@ def scan(model_path: str | os.PathLike | Model, calib: str | os.PathLike | DataS
                                                 config.batch_size, config.provider)
     flagged = score_and_flag(config, clean, ev_stats)
     visuals = None
+    if evidence is not None and evidence.probe_checks is not None:
+        verdict, reason, families = families_verdict(evidence)
+        extra["probes"] = evidence.probe_report
+        extra["evidence_families"] = families
     if evidence is not None and evidence.synthesis is not None:
-        verdict, reason = synthesis_verdict(evidence.synthesis)
+        if evidence.probe_checks is None:
+            verdict, reason = synthesis_verdict(evidence.synthesis)
         extra["synthesis"] = evidence.synthesis.to_dict()
         visuals = Visuals.of_triggers(evidence.synthesis.triggers)
     elif evidence is None:

@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from ..decide.synthesis.results import SynthConfig
 from ..errors import UsageError
+from ..measure.probes import ProbeConfig
 from .evidence import Evidence
 from .gate import AllowEntry
 from .options import PreprocessOptions, ScanConfig
@@ -105,7 +106,7 @@ KEYS = {
     "size": _list(int), "layout": _str, "channels": _str, "scale": _num(float), "mean": _list(float),
     "std": _list(float), "synthesize": _bool, "classes": _list(int), "seed": _num(int),
     "max_queries": _num(int), "time_limit": _num(float), "synth_threshold": _num(float),
-    "fail_on_suspect": _bool,
+    "fail_on_suspect": _bool, "verdict": _bool,
 }
 
 
@@ -249,7 +250,11 @@ def scan_options(values: dict[str, dict], evidence: Evidence | None = None,
     """ScanConfig, evidence (synthesis when ``synthesize``) and the gate flag from effective settings.
 
     `data_free`: no calibration data; the scan's verdict is the data-free one, so the gate needs no
-    ``synthesize`` (a ``synthesize`` setting is then refused: it needs clean images).
+    ``synthesize`` (a ``synthesize`` setting is then refused: it needs clean images; ``verdict`` is
+    accepted and means the data-free verdict).
+
+    ``verdict``: every evidence family with data (the probe families and the patch search); ``synthesize``
+    alone is the patch search.
 
     Raises:
         UsageError: inconsistent settings.
@@ -273,16 +278,19 @@ def scan_options(values: dict[str, dict], evidence: Evidence | None = None,
             raise UsageError("--synthesize, --trigger and --suspect need clean images: add --calib DATA",
                              hint="without --calib, scan runs the data-free checks only")
         return config, None, gate
-    if v.get("synthesize"):
+    if v.get("synthesize") or v.get("verdict"):
         if evidence is not None:
-            raise UsageError("--synthesize searches its own trigger: drop --trigger/--mask/--suspect")
+            flag = "--verdict" if v.get("verdict") else "--synthesize"
+            raise UsageError(f"{flag} searches its own trigger: drop --trigger/--mask/--suspect")
         synth = SynthConfig(classes=v.get("classes"), seed=v.get("seed") or 0, max_queries=v.get("max_queries"),
                             time_limit=v.get("time_limit"),
                             threshold=v.get("synth_threshold") or SynthConfig.threshold)
         synth.validate()
-        evidence = Evidence(synthesize=synth)
+        probes = ProbeConfig(seed=v.get("seed") or 0) if v.get("verdict") else None
+        evidence = Evidence(synthesize=synth, probes=probes)
     if gate and (evidence is None or evidence.synthesize is None):
-        raise UsageError("--fail-on-suspect needs a verdict: add --synthesize (or synthesize = true)")
+        raise UsageError("--fail-on-suspect needs a verdict: add --verdict (or verdict = true)",
+                         hint="--synthesize gives the patch search's verdict alone")
     return config, evidence, gate
 
 
