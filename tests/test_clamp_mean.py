@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from onnx_linf.errors import RewriteError
 from onnx_linf.measure.session import create_session
 from onnx_linf.model.load import Model, load_model
-from onnx_linf.rewrite.clamp import SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
+from onnx_linf.rewrite.clamp import SCORE_OUTPUT, SCORE_PARTS_OUTPUT, ClampBound, MeanBound, clamp_maps
 
 C, H, W = 4, 5, 6
 
@@ -49,7 +49,7 @@ def reference(a, mean_hi, power, eps, positive, hi, lo):
     out = np.minimum(out, hi)
     if lo is not None:
         out = np.maximum(out, lo)
-    return out, mean_score + pos_score
+    return out, np.stack([mean_score, pos_score], axis=1)
 
 
 @pytest.mark.parametrize("opset", [13, 18])
@@ -68,15 +68,18 @@ def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_si
     eps = 1e-3
     model = identity_model(tmp_path, opset)
     bound = ClampBound(hi=hi, lo=lo, mean=MeanBound(mean_hi, power=power, eps=eps, positive=positive))
-    proto, records = clamp_maps(model, {"a": bound}, score_output=True)
+    scales = (0.5, 4.0)
+    proto, records = clamp_maps(model, {"a": bound}, score_output=True, score_parts=True, score_scales=scales)
     onnx.checker.check_model(proto, full_check=True)
-    assert [o.name for o in proto.graph.output] == ["output", SCORE_OUTPUT]
+    assert [o.name for o in proto.graph.output] == ["output", SCORE_OUTPUT, SCORE_PARTS_OUTPUT]
     assert records[0].mean_bound and records[0].two_sided == two_sided
-    got, score = create_session(model, proto, "cpu").run(None, a)
-    want, want_score = reference(a, mean_hi, power, eps, positive, hi, lo)
+    assert records[0].score_parts == ("mean", "position")
+    got, score, parts = create_session(model, proto, "cpu").run(None, a)
+    want, want_parts = reference(a, mean_hi, power, eps, positive, hi, lo)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
-    assert score.shape == (7,) and score.dtype == np.float32
-    np.testing.assert_allclose(score, want_score, rtol=1e-4, atol=1e-6)
+    assert score.shape == (7,) and score.dtype == np.float32 and parts.shape == (7, 2)
+    np.testing.assert_allclose(parts, want_parts, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(score, (want_parts / np.array(scales)).max(axis=1), rtol=1e-4, atol=1e-6)
     assert score[2] > 1.0  # the image that drove channel 1 scores high
 
 

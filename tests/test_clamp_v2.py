@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from onnx_linf.cli.app import app
 from onnx_linf.commands.clamp import ClampConfig, clamp
-from onnx_linf.decide.strength import StrengthRow, choose, exceeded
+from onnx_linf.decide.strength import SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, part_scales
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.calibrate import model_tensor
 from onnx_linf.measure.folds import FoldedSource, measure_folds
@@ -138,6 +138,33 @@ def test_score_output_is_zero_on_the_calibration_images_at_strength_100(model_fi
     bright = create_session(model, result.proto, "cpu").run(None, x * 5)[-1]
     assert bright.shape == (24,) and (bright > 0).all()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_part_scales_are_floored_99th_percentiles_and_the_score_their_largest_ratio():
+    rng = np.random.default_rng(3)
+    parts = np.column_stack([rng.uniform(0, 1, 200), np.zeros(200), rng.uniform(0, 10, 200)])
+    parts[7, 1] = 0.2  # a part that is almost always 0: its scale is the floor, not ~0
+    scales, scores = part_scales(parts)
+    np.testing.assert_allclose(scales[[0, 2]], np.quantile(parts[:, [0, 2]], 0.99, axis=0, method="inverted_cdf"))
+    assert scales[1] == SCORE_SCALE_FLOOR
+    np.testing.assert_allclose(scores, (parts / scales).max(axis=1))
+    assert scores[7] == pytest.approx(max(0.2 / SCORE_SCALE_FLOOR, *(parts[7, [0, 2]] / scales[[0, 2]])))
+
+
+def test_auto_clamp_scales_each_score_part_by_its_held_out_percentile(model_file, pixels_file):
+    path = model_file(models.resnet_block())
+    calib = pixels_file(40, 8, 8, 3)
+    result = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, score_output=True))
+    score = result.report.score
+    parts = [kind for r in result.records for kind in r.score_parts]
+    assert [p["kind"] for p in score["parts"]] == parts and len(parts) >= 3
+    assert all(p["scale"] >= SCORE_SCALE_FLOOR for p in score["parts"])
+    assert "score_scales" not in result.report.strength["candidates"][0]
+    model = load_model(path)
+    x = Preprocess.from_model(model).apply(np.load(calib)) * 3
+    deployed = create_session(model, result.proto, "cpu").run([SCORE_OUTPUT], x)[0]
+    assert deployed.shape == (40,) and (deployed > 1.0).mean() > 0.5  # 3x brighter images leave the clean range
+    assert score["threshold_1pct"] is not None and score["threshold_1pct"] >= 0
 
 
 def test_fixed_strength_cuts_the_blended_backdoor_of_the_digits_fixture(fixtures_dir):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..decide.bounds import MapBound, topk_for_quantile
-from ..decide.strength import DEFAULT_GRID, StrengthRow, choose, exceeded, validate_grid
+from ..decide.strength import DEFAULT_GRID, SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, validate_grid
 from ..errors import UsageError
 from ..measure.calibrate import Progress
 from ..measure.engine import EngineOptions
@@ -204,13 +204,16 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         choice = choose(rows, config.rule, config.slack)
         chosen = choice.quantile
         strength = {"mode": "auto", "quantile": chosen, "power": config.power, "rule": config.rule,
-                    "slack": config.slack, "folds": config.folds, "candidates": [dataclasses.asdict(r) for r in rows],
+                    "slack": config.slack, "folds": config.folds,
+                    "candidates": [_candidate(r) for r in rows],
                     "forwards": len(source) * (1 + len(rows))}
     elif fixed is not None:
         strength = {"mode": "fixed", "quantile": fixed, "power": config.power}
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
                       margin=config.margin, power=config.power)
-    proto, records = clamp_maps(editable, final, score_output=config.score_output)
+    chosen_row = next((r for r in rows if r.quantile == chosen), None)
+    scales = chosen_row.score_scales if config.score_output and chosen_row is not None else None
+    proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
     # Where every bound is a maximum over the calibration images, the clamp is the identity on
@@ -241,7 +244,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         output=None if output is None else str(output),
         visuals=Visuals(bounds={b.tap: (b.hi, b.lo) for b in bounds}),
         strength=strength,
-        score=_score_section(rows, chosen) if config.score_output else None,
+        score=_score_section(chosen_row, records) if config.score_output else None,
     )
     return ClampResult(proto=proto, bounds=bounds, records=records, report=report)
 
@@ -277,8 +280,21 @@ def _map_report(plan: MapPlan, bound: ClampBound | None, scaled: float | None) -
         mean_hi_max=None if mean is None else float(mean.hi.max()), mean_scaled=scaled)
 
 
-def _score_section(rows: list[StrengthRow], chosen: float | None) -> dict:
-    row = next((r for r in rows if r.quantile == chosen), None)
+def _candidate(row: StrengthRow) -> dict:
+    """A strength row for the report (the per-part score scales are reported once, in ``score``)."""
+    return {k: v for k, v in dataclasses.asdict(row).items() if k != "score_scales"}
+
+
+def _score_section(row: StrengthRow | None, records: list) -> dict:
+    parts = [{"map": r.tap, "kind": kind} for r in records for kind in r.score_parts]
+    if row is not None and row.score_scales:
+        for part, scale in zip(parts, row.score_scales):
+            part["scale"] = scale
     return {"output": SCORE_OUTPUT, "floor": 0.0,
+            "definition": "largest part over maps (per map: largest log(channel mean / bound) and largest position "
+                          "excess relative to the channel's bound), each part divided by its scale",
+            "scales": None if row is None else "per part, its 99th percentile on held-out calibration images "
+                                               f"(cross-fit), at least {SCORE_SCALE_FLOOR}",
+            "parts": parts,
             "threshold_1pct": None if row is None else row.score_p99,
             "threshold_source": None if row is None else "99th percentile of held-out calibration scores (cross-fit)"}

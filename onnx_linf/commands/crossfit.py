@@ -22,7 +22,7 @@ from ..measure.sources import DataSource
 from ..measure.stats import ChannelStats
 from ..model.load import Model
 from ..model.taps import Tap
-from ..rewrite.clamp import SCORE_FLOOR, SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
+from ..rewrite.clamp import SCORE_FLOOR, SCORE_OUTPUT, SCORE_PARTS_OUTPUT, ClampBound, MeanBound, clamp_maps
 
 #: Channel-mean floor, relative to the map's largest bound: a channel silent on clean images
 #: (bound ~0) is never divided by zero, and one that wakes up beyond the floor is scaled down.
@@ -102,21 +102,21 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
         for f in range(k):
             bounds = bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=q,
                                position_quantile=position_quantile, margin=margin, power=power)
-            proto, _ = clamp_maps(model, bounds, score_output=True)
+            proto, records = clamp_maps(model, bounds, score_output=True, score_parts=True)
             sessions.append(create_session(model, proto, provider))
         new = np.full(n, -1, dtype=np.int64)
-        scores = np.full(n, np.nan, dtype=np.float64)
+        parts = np.full((n, sum(len(r.score_parts) for r in records)), np.nan, dtype=np.float64)
         progress.start(f"cross-fit q={q:g}", n)
         try:
             staged = ((b, model_tensor(b, preprocess)) for b in FoldedSource(source, k).batches(batch_size))
             for batch, x in prefetch(staged):
-                logits, score = sessions[batch.fold].run([output, SCORE_OUTPUT], x)
+                logits, part = sessions[batch.fold].run([output, SCORE_PARTS_OUTPUT], x)
                 new[batch.indices] = np.asarray(logits).reshape(len(batch), -1).argmax(-1)
-                scores[batch.indices] = score
+                parts[batch.indices] = part
                 progress.advance(len(batch))
         finally:
             progress.finish()
-        rows.append(held_out_row(q, folds.probabilities, folds.predictions, new, scores))
+        rows.append(held_out_row(q, folds.probabilities, folds.predictions, new, parts))
         del sessions
         if stop is not None and stop(rows):
             break

@@ -7,17 +7,21 @@ Per map ``a`` ``[N, C, H, W]`` (each part optional):
   what clean images produce (``B``, per channel) gets that channel scaled down, by more than the
   excess ratio for ``p > 1``. Where ``mu <= B`` the factor is exactly 1 and ``a * 1 == a``;
 * position clamp: ``Min(a', hi)`` and ``Max(., lo)`` with per-position or per-channel bounds;
-* optionally a per-image anomaly score, the graph output ``onnx_linf_score``: the largest
-  ``log(mu / B)`` over maps and channels (the channel-mean part, which sees full-image triggers)
-  plus the largest position excess relative to its channel's largest bound (the position part,
-  which sees patches), each clipped at 0. Measured, the parts complement each other: the mean part
-  alone was blind to a patch trigger (AUROC 0.50), the position part weak on blended ones (0.79).
+* optionally a per-image anomaly score, the graph output ``onnx_linf_score``: the largest of the
+  score *parts*, each divided by its scale. A map has up to two parts: the largest ``log(mu / B)``
+  over its channels (the channel-mean part, which sees full-image triggers) and its largest
+  position excess relative to its channel's largest bound (the position part, which sees
+  patches), each clipped at 0. Measured, the kinds complement each other: the mean parts alone
+  were blind to a patch trigger (AUROC 0.50), the position parts weak on blended ones (0.79). The
+  scales (1 by default) let a caller put every part on the same footing, e.g. its held-out clean
+  99th percentile (what ``clamp`` does): a part whose clean values are naturally large then no
+  longer drowns the evidence of a quiet one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Name of the per-image anomaly score output that ``clamp_maps(score_output=True)`` adds.
 SCORE_OUTPUT = "onnx_linf_score"
+#: Name of the ``[N, P]`` output of the unscaled score parts (``clamp_maps(score_parts=True)``), in
+#: the order of `ClampRecord.score_parts` over the records.
+SCORE_PARTS_OUTPUT = "onnx_linf_score_parts"
 #: What the score can read on images inside every bound: 0 up to float rounding, because ORT may
 #: fuse the rewritten graph differently from the one the bounds were measured with (a map then
 #: comes out an ulp or so above the maximum it was measured at: relative excess ~1e-7).
@@ -81,6 +88,8 @@ class ClampRecord:
     """Number of bound values per side (``C`` or ``C*H*W``; 0 without a position clamp)."""
     mean_bound: bool = False
     """True when a channel-mean bound was applied."""
+    score_parts: tuple[str, ...] = ()
+    """Kinds (``mean``, ``position``) of this map's score parts, in output order (empty without a score)."""
 
 
 def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
@@ -194,8 +203,9 @@ def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | 
     return n.reduce_max(n("Mul", [excess, n.const("inv_scale", inv)], "excess_rel"), [1, 2, 3], "pos_score")
 
 
-def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *,
-               score_output: bool = False) -> tuple[onnx.ModelProto, list[ClampRecord]]:
+def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: bool = False,
+               score_parts: bool = False, score_scales: Sequence[float] | None = None,
+               ) -> tuple[onnx.ModelProto, list[ClampRecord]]:
     """Insert the channel-mean bound and ``Min(a, hi)`` (``Max(., lo)`` too) right after each tap.
 
     The bounded tensor keeps the tap's name, so every consumer of the tap, and a graph output
@@ -209,8 +219,12 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *,
         bounds: tap tensor name -> bounds: position/channel bounds float32 ``[C,1,1]`` or
             ``[C,H,W]``, and an optional `MeanBound`.
         score_output: also add the graph output `SCORE_OUTPUT`, float32 ``[N]``: per image the
-            largest ``log(mu / B)`` over maps plus the largest relative position excess over maps,
-            clipped at 0, computed from the same nodes in the same forward pass.
+            largest score part (per map the largest ``log(mu / B)`` and the largest relative
+            position excess, clipped at 0) divided by its scale, computed from the same nodes in
+            the same forward pass.
+        score_parts: also add `SCORE_PARTS_OUTPUT`, float32 ``[N, P]``, the unscaled parts (with
+            `score_output`; what a caller measures the scales from).
+        score_scales: one positive scale per part (`ClampRecord.score_parts` order); None: all 1.
 
     Returns:
         The rewritten model and one `ClampRecord` per tap, in the order of `bounds`.
@@ -229,9 +243,13 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *,
     tensors = graph.tensors()
     renamed: dict[str, str] = {}
     records: list[ClampRecord] = []
-    scores: dict[str, list[gs.Variable]] = {"mean": [], "position": []}
-    if score_output and SCORE_OUTPUT in names.taken:
-        raise RewriteError(f"the model already has a tensor named '{SCORE_OUTPUT}'")
+    scores: list[gs.Variable] = []
+    kinds: dict[str, tuple[str, ...]] = {}
+    if (score_parts or score_scales is not None) and not score_output:
+        raise RewriteError("score parts and scales need the score output")
+    for taken in (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_output else ():
+        if taken in names.taken:
+            raise RewriteError(f"the model already has a tensor named '{taken}'")
     for tap, bound in bounds.items():
         if tap not in facts.producer:
             raise RewriteError(f"unknown tap '{tap}': no node of the main graph produces it")
@@ -276,31 +294,49 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *,
                     n("Min", [x, hi_c], "min", out=out)
                 else:
                     n("Max", [n("Min", [x, hi_c], "below_hi"), lo_c], "max", out=out)
-            for kind, part in parts:
-                scores[kind].append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
-                                                                       to=onnx.TensorProto.FLOAT))
+            for _, part in parts:
+                scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
+                                                                 to=onnx.TensorProto.FLOAT))
+            kinds[tap] = tuple(kind for kind, _ in parts)
             return n.nodes
 
         renamed[splice_after(graph, tensors[tap], names, build)] = tap
         records.append(ClampRecord(tap, granularity, lo is not None, 0 if hi is None else int(hi.size),
-                                   bound.mean is not None))
+                                   bound.mean is not None, kinds.get(tap, ())))
         log.info("clamped %s (%s%s%s)", tap, granularity, ", two-sided" if lo is not None else "",
                  ", channel means" if bound.mean is not None else "")
+    extra: tuple[str, ...] = ()
     if score_output:
-        graph.outputs.append(_score_output(graph, names, scores))
-    return export_graph(graph, source, renamed, extra_outputs=[SCORE_OUTPUT] if score_output else ()), records
+        graph.outputs.extend(_score_outputs(graph, names, model.opset or 21, scores, score_scales, score_parts))
+        extra = (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_parts else (SCORE_OUTPUT,)
+    return export_graph(graph, source, renamed, extra_outputs=extra), records
 
 
-def _score_output(graph: gs.Graph, names: Names, scores: dict[str, list[gs.Variable]]) -> gs.Variable:
-    """``max(mean parts) + max(position parts)`` as the float32 ``[N]`` graph output `SCORE_OUTPUT`."""
-    def node(op: str, inputs: list, out: gs.Variable | None = None) -> gs.Variable:
-        out = out or gs.Variable(names.fresh(f"{PREFIX}/score/{op}"), dtype=np.float32)
-        graph.nodes.append(gs.Node(op, names.fresh(f"{PREFIX}/score/{op}"), inputs=inputs, outputs=[out]))
-        return out
-
-    parts = [p[0] if len(p) == 1 else node("Max", p) for p in scores.values() if p]
+def _score_outputs(graph: gs.Graph, names: Names, opset: int, parts: list[gs.Variable],
+                   scales: Sequence[float] | None, with_parts: bool) -> list[gs.Variable]:
+    """``max_k(part_k / scale_k)`` as the float32 ``[N]`` output `SCORE_OUTPUT` (and the ``[N, P]`` parts)."""
     if not parts:
         raise RewriteError("the score output needs at least one bounded map")
+    if scales is not None:
+        scales = np.asarray(scales, dtype=np.float64).reshape(-1)
+        if len(scales) != len(parts) or not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise RewriteError(f"the score needs {len(parts)} finite positive part scales, got {len(scales)}")
+
+    def node(op: str, inputs: list, out: gs.Variable | None = None, **attrs) -> gs.Variable:
+        out = out or gs.Variable(names.fresh(f"{PREFIX}/score/{op}"), dtype=np.float32)
+        graph.nodes.append(gs.Node(op, names.fresh(f"{PREFIX}/score/{op}"), attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    column = gs.Constant(names.fresh(f"{PREFIX}/score/column"), np.array([-1, 1], dtype=np.int64))
+    stacked_out = gs.Variable(SCORE_PARTS_OUTPUT, dtype=np.float32, shape=["N", len(parts)]) if with_parts else None
+    stacked = node("Concat", [node("Reshape", [p, column]) for p in parts], stacked_out, axis=1)
+    if scales is not None and not (scales == 1.0).all():
+        inv = gs.Constant(names.fresh(f"{PREFIX}/score/inv_scale"), (1.0 / scales).astype(np.float32).reshape(1, -1))
+        stacked = node("Mul", [stacked, inv])
     out = gs.Variable(SCORE_OUTPUT, dtype=np.float32, shape=["N"])
-    node("Add" if len(parts) == 2 else "Identity", parts, out)
-    return out
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on, an attribute before
+        axes = gs.Constant(names.fresh(f"{PREFIX}/score/axes"), np.array([1], dtype=np.int64))
+        node("ReduceMax", [stacked, axes], out, keepdims=0)
+    else:
+        node("ReduceMax", [stacked], out, keepdims=0, axes=[1])
+    return [out, stacked_out] if with_parts else [out]
