@@ -97,6 +97,12 @@ def verdict_lines(result: SynthResult) -> None:
     if not result.complete:
         console.print("[yellow]the query budget or time limit cut the search short: not every class "
                       "was searched[/]")
+    pre = result.preselection
+    if pre is not None:
+        skipped = sum(1 for r in result.not_examined.values() if r == "pre-selection")
+        console.print(f"pre-selection: searched {len(pre.candidates)} candidate and {len(pre.references)} "
+                      f"reference classes of {pre.num_classes}; {skipped} scored low and were not examined "
+                      "(see --json: not_examined, preselection)")
     if result.suspected:
         worst = result.suspected[0]
         console.print(f"[bold]verdict[/] [bold red]suspected[/]: target class(es) "

@@ -7,7 +7,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import typer
+from typer.testing import CliRunner
 
+from onnx_linf.cli.synthesize import synthesize_command
 from onnx_linf.decide.synthesis.preselect import baseline_weights, preselect
 from onnx_linf.decide.synthesis.results import SynthConfig
 from onnx_linf.decide.synthesis.synthesize import synthesize
@@ -60,11 +63,11 @@ def many(model_file, tmp_path):
     path = tmp_path / "calib.npy"
     np.save(path, pixels)
     preprocess = Preprocess.from_model(model)
-    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess
+    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess, path
 
 
 def test_preselection_picks_the_planted_target_and_reports_the_rest(many):
-    model, source, preprocess = many
+    model, source, preprocess, _ = many
     result = synthesize(model, source, preprocess, SynthConfig(**FAST), provider="cpu")
     pre = result.preselection
     assert pre is not None and pre.num_classes == CLASSES == result.num_classes
@@ -85,7 +88,7 @@ def test_preselection_picks_the_planted_target_and_reports_the_rest(many):
 
 
 def test_external_scores_join_the_round_robin(many):
-    model, source, preprocess = many
+    model, source, preprocess, _ = many
     scores = np.zeros(CLASSES)
     scores[4] = 1.0
     result = synthesize(model, source, preprocess, SynthConfig(**dict(FAST, candidates=3)), provider="cpu",
@@ -102,7 +105,7 @@ def test_external_scores_join_the_round_robin(many):
 
 
 def test_no_preselection_when_the_model_has_few_classes_or_classes_are_given(many):
-    model, source, preprocess = many
+    model, source, preprocess, _ = many
     given = synthesize(model, source, preprocess, SynthConfig(**dict(FAST, classes=(TARGET, 1, 2))), provider="cpu")
     assert given.preselection is None and [t.target for t in given.triggers] == [1, 2, TARGET]
     assert set(given.not_examined.values()) == {"not requested"} and len(given.not_examined) == CLASSES - 3
@@ -112,7 +115,7 @@ def test_no_preselection_when_the_model_has_few_classes_or_classes_are_given(man
 
 
 def test_query_budget_still_bounds_and_names_the_classes_it_cut(many, monkeypatch):
-    model, source, preprocess = many
+    model, source, preprocess, _ = many
     seen = []
     run = Session.run
 
@@ -132,7 +135,7 @@ def test_query_budget_still_bounds_and_names_the_classes_it_cut(many, monkeypatc
 
 
 def test_same_seed_same_selection_and_result(many):
-    model, source, preprocess = many
+    model, source, preprocess, _ = many
     config = SynthConfig(seed=1, **FAST)
     a = synthesize(model, source, preprocess, config, provider="cpu")
     b = synthesize(model, source, preprocess, config, provider="cpu")
@@ -172,3 +175,16 @@ def test_weighted_baseline_stands_for_all_classes():
     assert baseline_weights(replace(pre, references=()), searched) is None
     with pytest.raises(ValueError, match="weights"):
         anomaly_index(x, weights=np.ones(3))
+
+
+def test_cli_says_what_the_preselection_left_out(many, tmp_path):
+    model, _, _, calib = many
+    app = typer.Typer()
+    app.command()(synthesize_command)
+    result = CliRunner().invoke(app, [str(model.path), "--calib", str(calib), "--steps", "2", "--json", "-",
+                                      "--time-limit", "30"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["num_classes"] == CLASSES and len(report["examined"]) == 16
+    assert sorted(report["not_examined"]["pre-selection"] + report["examined"]) == list(range(CLASSES))
+    assert "pre-selection: searched 8 candidate and 8 reference classes of 20" in result.stderr

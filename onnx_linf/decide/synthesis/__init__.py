@@ -12,7 +12,9 @@ fitness shaping and Adam on the resulting gradient estimate. One optimiser step 
 ``(2 * pairs + 1) * batch`` images (every perturbed trigger, plus the unperturbed one, stamped on the
 same image batch so the images' own variance cancels out of the comparison).
 
-Per model, then per class:
+Per model, then per class (on a model with many classes, only on the candidate and reference
+classes a *pre-selection* picks from the patch scan, the clean predictions and caller-given scores;
+see `preselect`):
 
 1. *patch scan* (once, shared by all classes): random black-and-white patterns in square windows
    at half-window strides; a backdoored model answers a partial trigger in the right place with
@@ -42,7 +44,8 @@ Everything here is numpy + onnxruntime; nothing needs a gradient framework.
 Modules: `space` is the search space (mask grid, pattern parameterisation, patch windows), `oracle` counts
 and answers model queries, `patches` localises patch triggers, `search` runs the NES optimiser,
 validation and pruning for one class, `verdict` turns mask norms into an anomaly index,
-`synthesize` drives it per class, `results` holds the typed results, `triggers` writes them as PNGs.
+`preselect` picks the classes to search on many-class models, `synthesize` drives it per class,
+`results` holds the typed results, `triggers` writes them as PNGs.
 """
 
 from .results import ClassTrigger, SynthConfig, SynthResult
