@@ -15,6 +15,7 @@ from onnx_linf.decide.probes import (
     GRATING_THRESHOLD,
     NOISE_BLEND_THRESHOLD,
     candidate_scores,
+    probe_candidates,
     probe_checks,
     selective_statistic,
 )
@@ -29,7 +30,7 @@ import models
 runner = CliRunner()
 SIZE, CLASSES = 16, 5
 #: A small bank for speed: one amplitude, 1-8 periods, 4 orientations, 2 phases (64 gratings).
-FAST = ProbeConfig(images=60, grating_amplitudes=(20.0,))
+FAST = ProbeConfig(images=60, grating_amplitudes=(20.0,), phases=2)
 
 
 def _blob(k: int) -> np.ndarray:
@@ -108,7 +109,7 @@ def test_same_seed_same_shares_and_another_seed_differs(model_file, grey):
     pixels = clean_pixels(100)
     a = run_probes(model, grey, pixels, FAST, "cpu")
     b = run_probes(model, grey, pixels, FAST, "cpu")
-    c = run_probes(model, grey, pixels, ProbeConfig(images=60, grating_amplitudes=(20.0,), seed=1), "cpu")
+    c = run_probes(model, grey, pixels, ProbeConfig(images=60, grating_amplitudes=(20.0,), phases=2, seed=1), "cpu")
     for fa, fb in zip(a.families, b.families):
         np.testing.assert_array_equal(fa.predictions, fb.predictions)
     np.testing.assert_array_equal(a.clean, b.clean)
@@ -134,7 +135,7 @@ def test_shares_and_selectivity_by_hand():
 def test_bad_options_and_too_few_images(model_file, grey):
     model = load_model(model_file(template_classifier(False), "t.onnx"))
     for bad in (ProbeConfig(families=("patch",)), ProbeConfig(blend_alphas=(1.5,)), ProbeConfig(images=1),
-                ProbeConfig(grating_amplitudes=(0.0,)), ProbeConfig(max_periods=0)):
+                ProbeConfig(grating_amplitudes=(0.0,)), ProbeConfig(max_periods=0), ProbeConfig(phases=0)):
         with pytest.raises(UsageError):
             run_probes(model, grey, clean_pixels(10), bad, "cpu")
     with pytest.raises(UsageError, match="at least 2"):
@@ -175,7 +176,7 @@ def test_verdict_gate_exit_code_and_report_sections(fixtures_dir, monkeypatch, n
     assert families["noise-blend"]["suspected"] is (verdict == "suspected")
     assert not families["patch-synthesis"]["suspected"]
     probes = report["extra"]["probes"]
-    assert probes["images"] == 64 and probes["queries"] == 64 * (1 + 3 + 128)
+    assert probes["images"] == 64 and probes["queries"] == 64 * (1 + 3 + 256)
     assert len(probes["families"][0]["per_class"]) == 10
     assert report["evidence"]["kind"] == "verdict"
     if verdict == "suspected":
@@ -198,3 +199,10 @@ def test_verdict_with_a_trigger_is_refused(fixtures_dir):
              fixtures_dir / "digits_badnets_mask.png")
     assert r.exit_code == ExitCode.INPUT_ERROR and "--verdict searches its own trigger" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_candidate_scores_rank_the_planted_target_first(model_file, grey):
+    model = load_model(model_file(template_classifier(True), "t.onnx"))
+    scores, run = probe_candidates(model, grey, clean_pixels(60), FAST, "cpu")
+    assert scores.shape == (CLASSES,) and int(np.argmax(scores)) == 0 and scores[0] > 1
+    np.testing.assert_array_equal(scores, candidate_scores(run))

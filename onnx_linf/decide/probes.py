@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..measure.probes import ProbeFamily, ProbeRun
+from ..measure.preprocess import Preprocess
+from ..measure.probes import ProbeConfig, ProbeFamily, ProbeRun, run_probes
+from ..measure.session import Session
+from ..model.load import Model
 
 #: Largest noise-blend share above which the class is a suspected target.
 NOISE_BLEND_THRESHOLD = 0.6
@@ -156,6 +159,21 @@ def candidate_scores(run: ProbeRun) -> np.ndarray:
     if not checks:
         return np.zeros(run.num_classes)
     return np.max(np.stack([c.statistic / c.threshold for c in checks]), axis=0)
+
+
+def probe_candidates(model: Model, preprocess: Preprocess, pixels: np.ndarray, config: ProbeConfig | None = None,
+                     provider: str = "auto", session: Session | None = None) -> tuple[np.ndarray, ProbeRun]:
+    """Run the probes and score every class as a candidate target (`candidate_scores`).
+
+    The cost is `ProbeConfig.forwards` whatever the number of classes, so a per-class search can be
+    kept to the highest-scoring classes. It only ranks classes that full-image perturbations reach:
+    a patch backdoor's target scores like any other class.
+
+    Returns:
+        float64 ``[classes]`` scores (higher = more suspicious) and the run itself.
+    """
+    run = run_probes(model, preprocess, pixels, config, provider, session)
+    return candidate_scores(run), run
 
 
 def probes_reason(checks: tuple[ProbeCheck, ...]) -> tuple[list[str], list[str]]:

@@ -13,7 +13,8 @@ Families (each a list of probes, one perturbation rule applied to every calibrat
   blend weight ``a``;
 * **grating bank**: ``x' = x + A sin(2 pi (fy r / H + fx c / W) + phi)`` (the same on every channel),
   over row, column and both diagonal orientations, 1 to `ProbeConfig.max_periods` periods across the
-  image, two phases, each amplitude ``A`` (in /255 of the pixel range), clipped to [0, 255].
+  image, `ProbeConfig.phases` phases (from a seeded offset), each amplitude ``A`` (in /255 of the pixel
+  range), clipped to [0, 255].
 
 Perturbations are applied in pixel space, then the model's preprocessing. For every probe the result
 is, per class k, the share of the images *not* predicted as k on clean input that the probe sends to k
@@ -42,7 +43,7 @@ FAMILIES = ("noise-blend", "grating")
 class ProbeConfig:
     """Options of the probe families."""
 
-    images: int = 192
+    images: int = 128
     """Calibration images probed (a seeded random subset when more are given)."""
     blend_alphas: tuple[float, ...] = (0.1, 0.15, 0.2)
     """Noise-blend weights."""
@@ -52,6 +53,8 @@ class ProbeConfig:
     """Grating amplitudes in pixel units (0-255)."""
     max_periods: int = 8
     """Gratings have 1 to this many periods across the image, per orientation."""
+    phases: int = 4
+    """Phases per grating, evenly spaced (4: every trigger phase is within 45 degrees of one)."""
     families: tuple[str, ...] = FAMILIES
     """Families to run."""
     seed: int = 0
@@ -74,6 +77,8 @@ class ProbeConfig:
             raise UsageError(f"grating amplitudes must be in (0, 255], got {self.grating_amplitudes!r}")
         if self.max_periods < 1:
             raise UsageError(f"max_periods must be >= 1, got {self.max_periods}")
+        if self.phases < 1:
+            raise UsageError(f"phases must be >= 1, got {self.phases}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -110,7 +115,7 @@ def probe_specs(family: str, config: ProbeConfig, size: tuple[int, int], phase: 
             for periods in range(1, config.max_periods + 1):
                 if periods > max(h, w) // 2:
                     continue  # above the Nyquist rate of the image
-                for shift in (0.0, np.pi / 2):
+                for shift in np.arange(config.phases) * (2 * np.pi / config.phases):
                     out.append(ProbeSpec(family, {"orientation": orientation, "periods": periods,
                                                   "phase": float(phase + shift), "amplitude": float(amp)}))
     return out

@@ -38,7 +38,13 @@ def _flagged(report: ScanReport) -> str:
     return f"{total} in {sum(1 for t in report.taps if t.flagged)} maps ({what})"
 
 
-def _suspected_classes(synthesis: dict | None) -> str:
+def _suspected_classes(synthesis: dict | None, families: list[dict] | None = None) -> str:
+    if families:  # scan --verdict: any family's suspected class, with the families that suspect it
+        by_class: dict[int, list[str]] = {}
+        for f in families:
+            if f["suspected"]:
+                by_class.setdefault(f["target"], []).append(f["family"])
+        return ", ".join(f"{k} ({', '.join(v)})" for k, v in by_class.items()) or "none"
     if not synthesis:
         return ""
     return ", ".join(map(str, synthesis["suspected"])) or "none"
@@ -62,7 +68,7 @@ def outcomes_markdown(outcomes: Sequence[ModelOutcome], title: str = "onnx-linf 
             "" if r is None else len(r.taps),
             "" if r is None else "data-free: no maps measured" if "datafree" in r.extra else _flagged(r),
             "" if r is None else _datafree_target(r.extra["datafree"]) if "datafree" in r.extra
-            else _suspected_classes(r.extra.get("synthesis")),
+            else _suspected_classes(r.extra.get("synthesis"), r.extra.get("evidence_families")),
         ])
     lines = [f"### {title}", ""]
     lines += _table(["result", "model", "why", "sha256", "maps", "flagged channels", "suspected classes"], rows)

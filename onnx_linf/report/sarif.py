@@ -28,8 +28,10 @@ RULES = {
     "backdoor-suspected": dict(
         id="OLINF001", level="error", severity="8.0",
         short="Backdoor suspected",
-        full="A class of the model is reached by an anomalously small synthesized trigger (Neural Cleanse "
-             "anomaly index above the threshold), the signature of a patch backdoor.",
+        full="An evidence family suspects a class of the model: it is reached by an anomalously small "
+             "synthesized trigger (Neural Cleanse anomaly index above the threshold, the signature of a patch "
+             "backdoor), or whole-image noise blends or one grating orientation send most images to it "
+             "(scan --verdict, the signature of a full-image trigger).",
         help="Do not deploy the model as it is. Sanitise it (onnx-linf clamp MODEL --calib DATA -o safe.onnx), "
              "measure ACC and ASR with onnx-linf evaluate, or obtain the model from a trusted source."),
     "activations-exceed-clean-bounds": dict(
@@ -55,7 +57,7 @@ RULES = {
         short="No backdoor verdict",
         full="The model was measured without trigger evidence, so the scan gives no backdoor verdict: the "
              "most active channels on clean images are not evidence of a backdoor.",
-        help="Add --synthesize (query-only trigger synthesis) to the scan for a verdict."),
+        help="Add --verdict (probe families and query-only trigger synthesis) to the scan for a verdict."),
 }
 
 
