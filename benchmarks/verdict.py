@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_linf.decide.probes import probe_checks
+from onnx_linf.decide.probes import THRESHOLDS, probe_checks
 from onnx_linf.decide.synthesis.oracle import read_pool
 from onnx_linf.measure.preprocess import Preprocess
 from onnx_linf.measure.probes import ProbeConfig, run_probes
@@ -114,15 +114,21 @@ HEAD = "| " + " | ".join(["model", "used for", "attack", "target", "seed"]
                          + ["verdict", "suspected class", "forwards", "seconds"]) + " |\n|" + "---|" * 15
 
 
+def judged(row: dict) -> tuple[str, str]:
+    """(verdict, suspected classes) from a row's statistics and the current thresholds."""
+    fired = sorted({int(np.argmax(v)) for f, v in row["statistics"].items() if max(v) > THRESHOLDS[f]})
+    return ("suspected" if fired else "clean"), (", ".join(map(str, fired)) or "-")
+
+
 def line(row: dict) -> str:
-    """One Markdown row."""
+    """One Markdown row (verdict recomputed with the current thresholds)."""
     cells = [row["model"], "threshold" if row["chosen"] else "held out", row["attack"] or "none",
              "-" if row["target"] is None else str(row["target"]), str(row["seed"])]
     for f in FAMILIES:
         stat = np.asarray(row["statistics"][f])
         order = np.argsort(-stat, kind="stable")
         cells += [str(int(order[0])), f"{stat[order[0]]:.2f}", f"{stat[order[1]]:.2f} ({int(order[1])})"]
-    cells += [row["verdict"], row["suspected"], str(row["forwards"]), f"{row['seconds']:.1f}"]
+    cells += [*judged(row), str(row["forwards"]), f"{row['seconds']:.1f}"]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -18,9 +18,10 @@ class, and suspects the class with the largest one when it exceeds the family's 
   diagonals (training with horizontal flips makes them equivalent), so its selectivity stays low.
 
 Thresholds were chosen on the digits fixtures and the CIFAR VGG models of `benchmarks/` (clean,
-BadNets, Blended, SIG) and reported on the others (see the README, "Probe families"):
-noise blend 0.6 (Blended targets 0.97 and above there, every other class at most 0.25); grating
-selectivity 0.65 (the SIG target 0.89, every other class at most 0.41): the middle of each gap.
+BadNets, Blended, SIG; `benchmarks/verdict.py`, seeds 0-2, the default `ProbeConfig`) and reported on
+the others (see the README, "The verdict"), as the middle of each gap rounded to 0.05: noise blend
+0.65 (Blended targets 0.97 and above there, every other class at most 0.32); grating selectivity 0.65
+(the SIG target 0.83 and above, every other class at most 0.45).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..measure.session import Session
 from ..model.load import Model
 
 #: Largest noise-blend share above which the class is a suspected target.
-NOISE_BLEND_THRESHOLD = 0.6
+NOISE_BLEND_THRESHOLD = 0.65
 #: Largest orientation-selective grating share above which the class is a suspected target.
 GRATING_THRESHOLD = 0.65
 THRESHOLDS = {"noise-blend": NOISE_BLEND_THRESHOLD, "grating": GRATING_THRESHOLD}
