@@ -189,11 +189,11 @@ def score_auroc(case: Case, proto) -> tuple[float, float]:
     return auroc(neg, pos), neg
 
 
-def clamp_rows(case: Case, grid: bool = False) -> list[Row]:
+def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> list[Row]:
     from onnx_linf.commands.clamp import ClampConfig, clamp
 
     rows = []
-    for defence, label, options in CLAMP_SETTINGS:
+    for defence, label, options in CLAMP_SETTINGS[-1:] if default_only else CLAMP_SETTINGS:
         t0 = time.perf_counter()
         result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
         seconds = time.perf_counter() - t0
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clamp-grid", action="store_true", help="also the position clamp's granularity x "
                         "quantile x layers grid")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
+    parser.add_argument("--clamp-default-only", action="store_true", help="of the clamp settings, only the "
+                        "default (auto strength, with the score)")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         for extra in EXTRA_ROWS:
             if extra is baseline_rows and args.no_baselines:
                 continue
-            rows += extra(case, args.clamp_grid) if extra is clamp_rows else extra(case)
+            rows += extra(case, args.clamp_grid, args.clamp_default_only) if extra is clamp_rows else extra(case)
         chunk = table(case, rows, base) + f"\n({time.perf_counter() - t0:.0f} s)\n"
         print(chunk, flush=True)
         chunks.append(chunk)

@@ -174,3 +174,39 @@ def test_factor_form_equals_the_straightforward_form(tmp_path, power):
         np.testing.assert_allclose(got, want, rtol=8 * np.finfo(np.float32).eps, atol=0)
     else:
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_score_gate_tightens_only_the_flagged_images(tmp_path, opset):
+    """Images whose (scaled) score passes the gate's threshold get the gate bound's factor; every
+    other image comes out bit for bit as without the gate."""
+    rng = np.random.default_rng(5)
+    a = np.abs(rng.normal(0.5, 0.3, (8, C, H, W))).astype(np.float32)
+    a[1, 0] *= 4.0   # far above channel 0's mean bound: flagged
+    a[5, 2] *= 1.2   # slightly above channel 2's bound: scaled, but below the gate threshold
+    mean_hi = a[[0, 2, 3, 4, 6, 7]].mean(axis=(2, 3)).max(axis=0) * 1.001
+    gate_hi = mean_hi * 0.5
+    hi = a.max(axis=0) * 2
+    model = identity_model(tmp_path, opset)
+    plain = ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=1e-3))
+    gated = ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=1e-3, gate_hi=gate_hi, gate_power=3.0))
+    scales = (0.4, 1.0)
+    threshold = 1.0
+    p0, _ = clamp_maps(model, {"a": plain}, score_output=True, score_scales=scales)
+    p1, _ = clamp_maps(model, {"a": gated}, score_output=True, score_scales=scales, gate_threshold=threshold)
+    onnx.checker.check_model(p1, full_check=True)
+    out0, score0 = create_session(model, p0, "cpu").run(None, a)
+    out1, score1 = create_session(model, p1, "cpu").run(None, a)
+    mu = a.astype(np.float64).mean(axis=(2, 3), keepdims=True)
+    mean_part = np.maximum(np.log(np.maximum(mu, 1e-3) / np.maximum(mean_hi, 1e-3).reshape(1, C, 1, 1)), 0)
+    flagged = mean_part.reshape(8, -1).max(axis=1) / scales[0] > threshold
+    assert flagged.tolist() == [False, True, False, False, False, False, False, False]
+    np.testing.assert_array_equal(out1[~flagged], out0[~flagged])
+    g = np.minimum(np.maximum(gate_hi, 1e-3).reshape(1, C, 1, 1) / np.maximum(mu, 1e-3), 1.0) ** 3.0
+    want = np.minimum(a * g, hi)
+    np.testing.assert_allclose(out1[flagged], want[flagged], rtol=2e-5, atol=1e-6)
+    assert (out1[1] < out0[1]).any()
+    # The mean part is read before the gate acts and no position is out of bounds: the same score.
+    np.testing.assert_allclose(score1, score0, rtol=1e-6)
+    with pytest.raises(RewriteError, match="gate threshold"):
+        clamp_maps(model, {"a": gated}, gate_threshold=float("nan"))

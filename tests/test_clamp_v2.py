@@ -167,6 +167,22 @@ def test_auto_clamp_scales_each_score_part_by_its_held_out_percentile(model_file
     assert score["threshold_1pct"] is not None and score["threshold_1pct"] >= 0
 
 
+def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
+    path = model_file(models.resnet_block())
+    calib = pixels_file(40, 8, 8, 3)
+    a = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
+    b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
+    gate = a.report.strength["gate"]
+    assert gate == b.report.strength["gate"] and a.proto.SerializeToString() == b.proto.SerializeToString()
+    assert gate["quantile"] == 50.0 and gate["threshold"] >= 0 and isinstance(gate["kept"], bool)
+    assert gate["held_out"]["quantile"] == a.report.strength["quantile"]
+    assert a.report.strength["forwards"] == 40 * (2 + len(a.report.strength["candidates"]))
+    has_gate_nodes = any("gate_hit" in o for n in a.proto.graph.node for o in n.output)
+    assert has_gate_nodes == gate["kept"]
+    fixed = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0, strength=99.0))
+    assert any("score gate left out" in n for n in fixed.report.notes)
+
+
 def test_fixed_strength_cuts_the_blended_backdoor_of_the_digits_fixture(fixtures_dir):
     """Today's clamp leaves digits Blended at 100% ASR; the channel-mean bound (q 99, p 6) cuts it
     (measured 29%: the digits model is the hard case, see the README)."""

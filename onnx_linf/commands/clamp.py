@@ -6,10 +6,12 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from ..decide.bounds import MapBound, topk_for_quantile
-from ..decide.strength import DEFAULT_GRID, SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, validate_grid
+from ..decide.strength import (DEFAULT_GRID, SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, validate_grid,
+                                within_budget)
 from ..errors import UsageError
 from ..measure.calibrate import Progress
 from ..measure.engine import EngineOptions
@@ -35,7 +37,7 @@ from .common import (
     require_agreement,
     verify_inputs,
 )
-from .crossfit import MapPlan, bounds_at, cross_fit, held_out_scaled, image_topk
+from .crossfit import MapPlan, bounds_at, cross_fit, cross_fit_gate, held_out_scaled, image_topk, with_gate
 from .options import PreprocessOptions
 
 #: Fewest calibration images per fold for ``--strength auto``: below it each held-out fold is too
@@ -98,6 +100,12 @@ class ClampConfig:
     """``auto`` picks the lowest strength whose held-out cost is at most the cost at 100 plus this."""
     score_output: bool = False
     """Add the per-image anomaly score output ``onnx_linf_score`` to the clamped model."""
+    gate: float | None = None
+    """Score gate (needs ``auto``): images whose running score passes the cross-fitted 1% threshold
+    get their channel means bounded at this quantile (percent) of clean ones in every later map;
+    None: no gate."""
+    gate_margin: float = 1.0
+    """The gate acts above ``gate_margin`` times the 1% threshold."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -186,7 +194,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         if engine.describe() is not None:
             notes.append("channel-mean statistics are cross-fitted in this process, not on the engine")
         folds = measure_folds(probe, source, preprocess, config.batch_size, config.folds if auto else 1, progress,
-                              image_topk=image_topk(grid or (fixed,), len(source)))
+                              image_topk=image_topk((grid or (fixed,)) + ((config.gate,) if config.gate else ()),
+                                                    len(source)))
         stats = folds.merged()
     else:
         folds = None
@@ -212,8 +221,29 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
                       margin=config.margin, power=config.power)
     chosen_row = next((r for r in rows if r.quantile == chosen), None)
-    scales = chosen_row.score_scales if config.score_output and chosen_row is not None else None
-    proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None)
+    scales = chosen_row.score_scales if chosen_row is not None else None
+    gate = None
+    if config.gate is not None and chosen_row is not None and np.isfinite(chosen_row.score_p99):
+        threshold = chosen_row.score_p99 * config.gate_margin
+        gated = cross_fit_gate(editable, plans, folds, source, preprocess, config.batch_size, chosen_row, config.gate,
+                               threshold, position_quantile=config.quantile, margin=config.margin,
+                               power=config.power, provider=config.provider, progress=progress)
+        keep = within_budget(gated, next(r for r in rows if r.quantile == 100.0), config.rule, config.slack)
+        strength["gate"] = {"quantile": config.gate, "threshold": threshold, "kept": keep,
+                            "held_out": _candidate(gated),
+                            "rule": "kept when its held-out cost is within the strength's budget (the cost at q 100 "
+                                    "plus the slack)"}
+        strength["forwards"] += len(source)
+        if keep:
+            gate = threshold
+            final = with_gate(final, plans, stats, len(source), config.gate)
+        else:
+            notes.append(f"score gate left out: its held-out cost ({100 * gated.estimated_drop:.2f}% estimated "
+                         f"accuracy drop) exceeds the strength budget")
+    elif config.gate is not None:
+        notes.append("score gate left out: it needs the cross-fitted strength (--strength auto) and enough images")
+    proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
+                                gate_threshold=gate)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
     # Where every bound is a maximum over the calibration images, the clamp is the identity on

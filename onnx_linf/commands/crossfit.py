@@ -7,6 +7,7 @@ the same pass, exactly (merged per-fold top-k, no second statistics pass).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,35 +93,77 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
     one session per fold. `stop` sees the rows so far after each candidate: True ends the search
     (a rule that only accepts an unbroken run from q = 100 needs no candidate past its first miss).
     """
-    k = len(folds.folds)
-    n = len(folds.predictions)
-    progress = progress or Progress()
-    rows = []
-    output = model.proto.graph.output[0].name
+    rows: list[StrengthRow] = []
     for q in grid:
-        sessions = []
-        for f in range(k):
-            bounds = bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=q,
-                               position_quantile=position_quantile, margin=margin, power=power)
-            proto, records = clamp_maps(model, bounds, score_output=True, score_parts=True)
-            sessions.append(create_session(model, proto, provider))
-        new = np.full(n, -1, dtype=np.int64)
-        parts = np.full((n, sum(len(r.score_parts) for r in records)), np.nan, dtype=np.float64)
-        progress.start(f"cross-fit q={q:g}", n)
-        try:
-            staged = ((b, model_tensor(b, preprocess)) for b in FoldedSource(source, k).batches(batch_size))
-            for batch, x in prefetch(staged):
-                logits, part = sessions[batch.fold].run([output, SCORE_PARTS_OUTPUT], x)
-                new[batch.indices] = np.asarray(logits).reshape(len(batch), -1).argmax(-1)
-                parts[batch.indices] = part
-                progress.advance(len(batch))
-        finally:
-            progress.finish()
-        rows.append(held_out_row(q, folds.probabilities, folds.predictions, new, parts))
-        del sessions
+        def fold_bounds(f: int, q: float = q) -> dict[str, ClampBound]:
+            return bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=q,
+                             position_quantile=position_quantile, margin=margin, power=power)
+        rows.append(_held_out(model, folds, source, preprocess, batch_size, q, fold_bounds, {}, provider, progress,
+                              f"cross-fit q={q:g}"))
         if stop is not None and stop(rows):
             break
     return rows
+
+
+def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource,
+                   preprocess: Preprocess, batch_size: int, row: StrengthRow, gate_quantile: float,
+                   threshold: float, *, position_quantile: float, margin: float, power: float,
+                   provider: str = "auto", progress: Progress | None = None) -> StrengthRow:
+    """Held-out cost of the strength of `row` with the score gate added (`with_gate`): what the gate
+    costs on clean images, measured like the strength itself (its threshold and part scales are
+    the ones `row` fitted on all held-out folds)."""
+    def fold_bounds(f: int) -> dict[str, ClampBound]:
+        merged, images = folds.merged(exclude=f), folds.images(exclude=f)
+        bounds = bounds_at(plans, merged, images, strength=row.quantile, position_quantile=position_quantile,
+                           margin=margin, power=power)
+        return with_gate(bounds, plans, merged, images, gate_quantile)
+    gated = _held_out(model, folds, source, preprocess, batch_size, row.quantile, fold_bounds,
+                      {"score_scales": row.score_scales or None, "gate_threshold": threshold}, provider, progress,
+                      f"cross-fit gate q={gate_quantile:g}")
+    return dataclasses.replace(gated, score_p99=row.score_p99, score_scales=row.score_scales)
+
+
+def with_gate(bounds: dict[str, ClampBound], plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: int,
+              quantile: float) -> dict[str, ClampBound]:
+    """`bounds` with the score gate's tighter channel-mean bound (the `quantile` of clean channel
+    means, never above the map's own bound) on every map that has a channel-mean bound."""
+    out = dict(bounds)
+    for plan in plans:
+        b = out.get(plan.tap.name)
+        if b is None or b.mean is None or plan.mean_stat is None:
+            continue
+        g = np.minimum(mean_bound(stats[plan.tap.name], plan.mean_stat, quantile, images), b.mean.hi)
+        mean = dataclasses.replace(b.mean, gate_hi=g, gate_power=b.mean.power)
+        out[plan.tap.name] = dataclasses.replace(b, mean=mean)
+    return out
+
+
+def _held_out(model: Model, folds: FoldStats, source: DataSource, preprocess: Preprocess, batch_size: int,
+              quantile: float, fold_bounds: Callable[[int], dict[str, ClampBound]], options: dict, provider: str,
+              progress: Progress | None, label: str) -> StrengthRow:
+    """One pass: every image through the model bounded by the statistics of the folds it is not in."""
+    k = len(folds.folds)
+    n = len(folds.predictions)
+    progress = progress or Progress()
+    output = model.proto.graph.output[0].name
+    sessions = []
+    records: list = []
+    for f in range(k):
+        proto, records = clamp_maps(model, fold_bounds(f), score_output=True, score_parts=True, **options)
+        sessions.append(create_session(model, proto, provider))
+    new = np.full(n, -1, dtype=np.int64)
+    parts = np.full((n, sum(len(r.score_parts) for r in records)), np.nan, dtype=np.float64)
+    progress.start(label, n)
+    try:
+        staged = ((b, model_tensor(b, preprocess)) for b in FoldedSource(source, k).batches(batch_size))
+        for batch, x in prefetch(staged):
+            logits, part = sessions[batch.fold].run([output, SCORE_PARTS_OUTPUT], x)
+            new[batch.indices] = np.asarray(logits).reshape(len(batch), -1).argmax(-1)
+            parts[batch.indices] = part
+            progress.advance(len(batch))
+    finally:
+        progress.finish()
+    return held_out_row(quantile, folds.probabilities, folds.predictions, new, parts)
 
 
 def held_out_scaled(plans: Sequence[MapPlan], folds: FoldStats, strength: float | None) -> dict[str, float]:
@@ -158,7 +201,8 @@ def anomaly_scores(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelSt
                    preprocess: Preprocess, batch_size: int, provider: str = "auto") -> dict:
     """The clamp's per-image anomaly score (`rewrite.clamp.SCORE_OUTPUT`) of the images of `source`,
     against bounds at the clean maxima (every clean calibration image then scores 0, up to float
-    rounding), without writing a model.
+    rounding), without writing a model. Every part's scale is 1 here (the raw largest part): the
+    per-part scales of a clamped model come from its cross-fit, which a scan does not run.
 
     Args:
         clean: clean statistics with ``pos_max`` (``pos_min``) and the `mean_statistics` measured.

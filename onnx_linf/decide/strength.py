@@ -98,6 +98,12 @@ def _cost(rule: str):
     return (lambda r: r.estimated_drop) if rule == "softmax" else (lambda r: r.changed)
 
 
+def within_budget(row: StrengthRow, reference: StrengthRow, rule: str, slack: float) -> bool:
+    """True when `row` costs at most `reference` (the row at q = 100) plus `slack` under `rule`."""
+    cost = _cost(rule)
+    return cost(row) <= cost(reference) + slack + 1e-12
+
+
 def exceeded(rows: Sequence[StrengthRow], rule: str, slack: float) -> bool:
     """True when the last candidate costs more than the rule allows: stronger ones are not tried."""
     by_q = {r.quantile: r for r in rows}

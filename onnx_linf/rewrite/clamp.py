@@ -59,6 +59,11 @@ class MeanBound:
     never divided by zero, and means below it are never scaled."""
     positive: bool = False
     """Bound the mean of ``Relu(a)`` (for maps that can go negative) instead of the mean of ``a``."""
+    gate_hi: np.ndarray | None = None
+    """``[C]`` tighter bound for images the score gate has flagged (``clamp_maps(gate_threshold=)``):
+    they get ``min(B_gate / mu, 1)^gate_power`` instead; None: the gate does not act on this map."""
+    gate_power: float = 6.0
+    """Exponent of the gated factor."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,25 +151,43 @@ class _Nodes:
 
 
 def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
-                      out: gs.Variable | None = None) -> tuple[gs.Variable, gs.Variable | None]:
-    """``raw * min(max(B, eps) / max(mu, eps), 1)^p`` and, when asked, the per-image ``relu(log(mu / B))``."""
+                      out: gs.Variable | None = None, gate=None) -> tuple[gs.Variable, gs.Variable | None]:
+    """``raw * min(max(B, eps) / max(mu, eps), 1)^p`` and, when asked, the per-image ``relu(log(mu / B))``.
+
+    `gate`, when given, maps this map's mean score to a ``[N, 1, 1, 1]`` 0/1 flag (in the map's
+    dtype); flagged images get the factor of `MeanBound.gate_hi` instead. Unflagged images get
+    ``f + 0 * (g - f)``, which is ``f`` exactly.
+    """
     hi = np.asarray(mb.hi, dtype=np.float64).reshape(-1)
     if hi.shape != (channels,) or not np.isfinite(hi).all() or (hi < 0).any():
         raise RewriteError(f"channel-mean bound of '{n.tap}' must be {channels} finite values >= 0")
-    if not (mb.eps > 0 and mb.power > 0):
-        raise RewriteError(f"channel-mean bound of '{n.tap}': eps and power must be > 0")
+    if not (mb.eps > 0 and mb.power > 0 and mb.gate_power > 0):
+        raise RewriteError(f"channel-mean bound of '{n.tap}': eps and powers must be > 0")
+    gated = gate is not None and mb.gate_hi is not None
     source = n("Relu", [raw], "positive") if mb.positive else raw
     mu = n("GlobalAveragePool", [source], "mean")
     # With B' = max(B, eps): B' / max(mu, B') is min(B' / max(mu, eps), 1) bit for bit (a mean
     # at or below B' divides B' by itself, exactly 1; above it max(mu, eps) is mu), in two nodes.
     num = n.const("mean_hi", np.maximum(hi, mb.eps).reshape(1, channels, 1, 1))
     factor = n("Div", [num, n("Max", [mu, num], "mean_floor")], "mean_factor")
-    scaled = n("Mul", [raw, _power(n, factor, float(mb.power))], "mean_scaled", out=out)
-    if not score:
-        return scaled, None
-    # relu(-log(factor)) = relu(log(max(mu, eps) / max(B, eps))), 0 wherever the mean is in bounds.
-    over = n("Relu", [n("Neg", [n("Log", [factor], "log_ratio")], "log_excess")], "mean_excess")
-    return scaled, n.reduce_max(n("Flatten", [over], "mean_excess_flat", axis=1), [1], "mean_score")
+    mean_score = None
+    if score or gated:
+        # relu(-log(factor)) = relu(log(max(mu, eps) / max(B, eps))), 0 wherever the mean is in bounds.
+        over = n("Relu", [n("Neg", [n("Log", [factor], "log_ratio")], "log_excess")], "mean_excess")
+        mean_score = n.reduce_max(n("Flatten", [over], "mean_excess_flat", axis=1), [1], "mean_score")
+    powered = _power(n, factor, float(mb.power))
+    if gated:
+        g_hi = np.asarray(mb.gate_hi, dtype=np.float64).reshape(-1)
+        if g_hi.shape != (channels,) or not np.isfinite(g_hi).all() or (g_hi < 0).any():
+            raise RewriteError(f"gate bound of '{n.tap}' must be {channels} finite values >= 0")
+        flag = gate(n, mean_score)
+        g_num = n.const("gate_hi", np.maximum(g_hi, mb.eps).reshape(1, channels, 1, 1))
+        g_factor = _power(n, n("Div", [g_num, n("Max", [mu, g_num], "gate_floor")], "gate_factor"),
+                          float(mb.gate_power))
+        powered = n("Add", [powered, n("Mul", [flag, n("Sub", [g_factor, powered], "gate_delta")], "gate_step")],
+                    "gated_factor")
+    scaled = n("Mul", [raw, powered], "mean_scaled", out=out)
+    return scaled, mean_score
 
 
 #: Integer powers up to this are products (repeated squaring), higher or fractional ones `Pow`.
@@ -205,7 +228,7 @@ def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | 
 
 def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: bool = False,
                score_parts: bool = False, score_scales: Sequence[float] | None = None,
-               ) -> tuple[onnx.ModelProto, list[ClampRecord]]:
+               gate_threshold: float | None = None) -> tuple[onnx.ModelProto, list[ClampRecord]]:
     """Insert the channel-mean bound and ``Min(a, hi)`` (``Max(., lo)`` too) right after each tap.
 
     The bounded tensor keeps the tap's name, so every consumer of the tap, and a graph output
@@ -225,6 +248,10 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
         score_parts: also add `SCORE_PARTS_OUTPUT`, float32 ``[N, P]``, the unscaled parts (with
             `score_output`; what a caller measures the scales from).
         score_scales: one positive scale per part (`ClampRecord.score_parts` order); None: all 1.
+        gate_threshold: the score gate: at each map with a `MeanBound.gate_hi`, images whose
+            running score (largest scaled part of the maps so far, this map's channel-mean part
+            included) exceeds it get the gate's tighter channel-mean factor. Images below it are
+            untouched, so the score of every image the gate leaves alone is what it was without it.
 
     Returns:
         The rewritten model and one `ClampRecord` per tap, in the order of `bounds`.
@@ -245,8 +272,36 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
     records: list[ClampRecord] = []
     scores: list[gs.Variable] = []
     kinds: dict[str, tuple[str, ...]] = {}
-    if (score_parts or score_scales is not None) and not score_output:
-        raise RewriteError("score parts and scales need the score output")
+    if score_parts and not score_output:
+        raise RewriteError("score parts need the score output")
+    if gate_threshold is not None and not (np.isfinite(gate_threshold) and gate_threshold >= 0):
+        raise RewriteError(f"the gate threshold must be finite and >= 0, got {gate_threshold}")
+    with_parts = score_output or gate_threshold is not None
+    scales = None if score_scales is None else np.asarray(score_scales, dtype=np.float64).reshape(-1)
+    running: list[gs.Variable] = []  # the gate's running score, [N] float32
+
+    def add_part(n: _Nodes, part: gs.Variable, dtype: np.dtype) -> None:
+        """Register one score part; with the gate, fold its scaled value into the running score."""
+        part = part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
+                                                  to=onnx.TensorProto.FLOAT)
+        scores.append(part)
+        if gate_threshold is None:
+            return
+        j = len(scores) - 1
+        if scales is not None and j >= len(scales):
+            raise RewriteError(f"the score needs a scale for every part, got {len(scales)}")
+        if scales is not None and scales[j] != 1.0:
+            inv = gs.Constant(names.fresh(f"{PREFIX}/gate/inv_scale/{n.tap}"), np.array(1.0 / scales[j], np.float32))
+            part = n("Mul", [part, inv], "scaled_part", dtype=np.float32)
+        running.append(part if not running else n("Max", [running[-1], part], "running_score", dtype=np.float32))
+
+    def gate_flag(n: _Nodes, mean_score: gs.Variable) -> gs.Variable:
+        add_part(n, mean_score, n.dtype)
+        t = gs.Constant(names.fresh(f"{PREFIX}/gate/threshold/{n.tap}"), np.array(gate_threshold, np.float32))
+        hit = n("Greater", [running[-1], t], "gate_hit", dtype=np.bool_)
+        shape = gs.Constant(names.fresh(f"{PREFIX}/gate/shape/{n.tap}"), np.array([-1, 1, 1, 1], np.int64))
+        flag = n("Cast", [hit], "gate_flag", to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(n.dtype)))
+        return n("Reshape", [flag, shape], "gate_flag4")
     for taken in (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_output else ():
         if taken in names.taken:
             raise RewriteError(f"the model already has a tensor named '{taken}'")
@@ -278,26 +333,27 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
                   lo: np.ndarray | None = lo, mean: MeanBound | None = bound.mean, dtype: np.dtype = dtype,
                   channels: int | None = channels) -> list[gs.Node]:
             n = _Nodes(names, model.opset or 21, tap, dtype)
-            x, parts = raw, []  # (kind, per-image score)
+            x, parts = raw, []  # kinds of this map's score parts
             if mean is not None:
+                gated = gate_threshold is not None and mean.gate_hi is not None
                 # Without a position clamp the scaling Mul writes the tap's own tensor.
-                x, mean_score = _mean_bound_nodes(n, raw, mean, channels, score_output,
-                                                  out=out if hi is None else None)
+                x, mean_score = _mean_bound_nodes(n, raw, mean, channels, with_parts,
+                                                  out=out if hi is None else None, gate=gate_flag if gated else None)
                 if mean_score is not None:
-                    parts.append(("mean", mean_score))
+                    parts.append("mean")
+                    if not gated:  # the gate registered it already (before its flag)
+                        add_part(n, mean_score, dtype)
             if hi is not None:
                 hi_c = n.const("clamp_hi", hi)
                 lo_c = None if lo is None else n.const("clamp_lo", lo)
-                if score_output:
-                    parts.append(("position", _position_score(n, x, hi, lo, hi_c, lo_c)))
+                if with_parts:
+                    parts.append("position")
+                    add_part(n, _position_score(n, x, hi, lo, hi_c, lo_c), dtype)
                 if lo is None:
                     n("Min", [x, hi_c], "min", out=out)
                 else:
                     n("Max", [n("Min", [x, hi_c], "below_hi"), lo_c], "max", out=out)
-            for _, part in parts:
-                scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
-                                                                 to=onnx.TensorProto.FLOAT))
-            kinds[tap] = tuple(kind for kind, _ in parts)
+            kinds[tap] = tuple(parts)
             return n.nodes
 
         renamed[splice_after(graph, tensors[tap], names, build)] = tap
