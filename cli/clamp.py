@@ -25,6 +25,11 @@ from .prune import EvalData, Output, Target
 from .render import print_notes
 
 
+def _gate_default() -> str:
+    gate = ClampConfig.gate
+    return "off" if gate is None else gate if isinstance(gate, str) else f"{gate:g}"
+
+
 def clamp_command(
     model: o.ModelArg,
     calib: o.CalibOpt,
@@ -46,6 +51,12 @@ def clamp_command(
     strength_budget: Annotated[float, typer.Option(help="--strength auto: the estimated accuracy drop (fraction, "
                                                    "label-free, cross-fitted) the channel-mean bound may add to "
                                                    "the position clamp's.")] = ClampConfig.slack,
+    gate: Annotated[str, typer.Option(help="Score gate: images whose anomaly score passes the gate threshold get "
+                                      "their channel means bounded at this percentile of clean ones (or 'mean': "
+                                      "their average) from that map on; 'off' for none. Needs --strength auto.")]
+    = _gate_default(),
+    gate_alarm: Annotated[float, typer.Option(help="--gate: the share of held-out clean calibration images "
+                                              "allowed above the gate threshold.")] = ClampConfig.gate_alarm,
     score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
                                                "[N]: a per-image anomaly score from the same forward pass.")]
     = False,
@@ -88,7 +99,7 @@ def clamp_command(
                              margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
                              min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
-                             slack=strength_budget,
+                             slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,
                              score_output=score_output)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
@@ -111,6 +122,8 @@ def clamp_command(
             console.print(f"[bold]verified[/] {', '.join(f'{k}: {val}' for k, val in v['checks'].items())}")
         if report.strength is not None:
             console.print(strength_line(report.strength))
+            if report.strength.get("gate") is not None:
+                console.print(gate_line(report.strength["gate"]))
         if report.score is not None and report.score["threshold_1pct"] is not None:
             console.print(f"score output [bold]{report.score['output']}[/]: 1% of held-out clean images score "
                           f"above {report.score['threshold_1pct']:.3g}")
@@ -139,6 +152,32 @@ def bounds_table(report: ClampReport) -> Table:
 def parse_bounds(value: str) -> tuple[str, ...]:
     """'position,channel-mean' -> ('position', 'channel-mean')."""
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def parse_gate(value: str) -> float | str | None:
+    """'off', 'mean' or a percentile."""
+    v = value.strip().lower()
+    if v in ("off", "none", "no"):
+        return None
+    if v == "mean":
+        return "mean"
+    try:
+        return float(v)
+    except ValueError:
+        raise UsageError(f"--gate takes 'off', 'mean' or a percentile in (0, 100], got {value!r}") from None
+
+
+def gate_line(gate: dict) -> str:
+    """What the score gate does, in one line."""
+    bound = "their clean average" if gate["quantile"] == "mean" else f"the {gate['quantile']:g}th percentile"
+    if not gate["kept"]:
+        return f"score gate [bold]off[/]: {gate.get('reason', '')}"
+    last = gate["tried"][-1]
+    weaker = (f"; strength raised from {gate['strength_without_gate']:g} to fit the budget"
+              if last["quantile"] != gate["strength_without_gate"] else "")
+    return (f"score gate [bold]on[/]: images scoring above {gate['threshold']:.3g} ({100 * gate['alarm']:g}% of "
+            f"held-out clean images) get channel means bounded at {bound} (held-out est. drop "
+            f"{100 * last['estimated_drop']:.2f} pt{weaker})")
 
 
 def parse_strength(value: str) -> float | str:

@@ -174,9 +174,11 @@ def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
     b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
     gate = a.report.strength["gate"]
     assert gate == b.report.strength["gate"] and a.proto.SerializeToString() == b.proto.SerializeToString()
-    assert gate["quantile"] == 50.0 and gate["threshold"] >= 0 and isinstance(gate["kept"], bool)
-    assert gate["held_out"]["quantile"] == a.report.strength["quantile"]
-    assert a.report.strength["forwards"] == 40 * (2 + len(a.report.strength["candidates"]))
+    assert gate["quantile"] == 50.0 and isinstance(gate["kept"], bool) and gate["tried"]
+    assert gate["tried"][0]["quantile"] == gate["strength_without_gate"]
+    if gate["kept"]:  # deployed at the strength where the gated rewrite fitted the budget
+        assert gate["tried"][-1]["quantile"] == a.report.strength["quantile"] and gate["threshold"] >= 0
+    assert a.report.strength["forwards"] == 40 * (1 + len(a.report.strength["candidates"]) + len(gate["tried"]))
     has_gate_nodes = any("gate_hit" in o for n in a.proto.graph.node for o in n.output)
     assert has_gate_nodes == gate["kept"]
     fixed = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0, strength=99.0))

@@ -10,8 +10,16 @@ import numpy as np
 import onnx
 
 from ..decide.bounds import MapBound, topk_for_quantile
-from ..decide.strength import (DEFAULT_GRID, SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, validate_grid,
-                                within_budget)
+from ..decide.strength import (
+    DEFAULT_GRID,
+    SCORE_SCALE_FLOOR,
+    StrengthRow,
+    choose,
+    exceeded,
+    score_threshold,
+    validate_grid,
+    within_budget,
+)
 from ..errors import UsageError
 from ..measure.calibrate import Progress
 from ..measure.engine import EngineOptions
@@ -51,6 +59,9 @@ BOUND_KINDS = ("position", "channel-mean")
 #: gating removes more; p = 6 was the knee on the CIFAR VGG (Blended 7.2 -> 3.0% for -1 pt ACC;
 #: p = 16 cost 2.3 pt). Not best everywhere: on the ResNet-8 SIG model p = 2 did better (6.5 vs 19.7%).
 DEFAULT_POWER = 6.0
+#: Score gate defaults (see `ClampConfig.gate`).
+DEFAULT_GATE = "mean"
+DEFAULT_GATE_ALARM = 0.003
 
 
 @dataclass(frozen=True)
@@ -100,17 +111,21 @@ class ClampConfig:
     """``auto`` picks the lowest strength whose held-out cost is at most the cost at 100 plus this."""
     score_output: bool = False
     """Add the per-image anomaly score output ``onnx_linf_score`` to the clamped model."""
-    gate: float | None = None
-    """Score gate (needs ``auto``): images whose running score passes the cross-fitted 1% threshold
-    get their channel means bounded at this quantile (percent) of clean ones in every later map;
-    None: no gate."""
-    gate_margin: float = 1.0
-    """The gate acts above ``gate_margin`` times the 1% threshold."""
+    gate: float | str | None = DEFAULT_GATE
+    """Score gate (needs ``auto``): images whose running score passes the gate threshold get their
+    channel means bounded at this quantile (percent) of clean ones, or at their average
+    (``"mean"``), from that map on; None: no gate."""
+    gate_alarm: float = DEFAULT_GATE_ALARM
+    """Gate threshold: the score that this share of held-out clean calibration images exceeds."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
         if self.granularity not in ("position", "channel"):
             raise UsageError(f"--granularity must be position or channel, got {self.granularity!r}")
+        if not (self.gate is None or self.gate == "mean" or (_quantile_gate(self.gate) and 0 < self.gate <= 100)):
+            raise UsageError(f"--gate must be 'mean', a quantile in (0, 100] or off, got {self.gate!r}")
+        if not 0 < self.gate_alarm < 0.5:
+            raise UsageError(f"the gate's false-alarm share must be in (0, 0.5), got {self.gate_alarm}")
         if self.margin < 0:
             raise UsageError(f"--margin must be >= 0, got {self.margin}")
         unknown = [b for b in self.bounds if b not in BOUND_KINDS]
@@ -187,6 +202,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     grid = validate_grid(config.strength_grid) if auto else ()
     fixed = None if not config.mean_bounds or auto else float(config.strength)
 
+    # The per-image top-k must reach the lowest quantile any bound uses (a quantile gate's too).
+    depth = (grid or (fixed,)) + ((float(config.gate),) if _quantile_gate(config.gate) else ())
     engine = make_engine(config.engine)
     probe = Probe(model, taps, (), config.provider, per_tap_stats={p.tap.name: p.stats() for p in plans}, topk=k,
                   engine=engine if not config.mean_bounds else None)
@@ -194,8 +211,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         if engine.describe() is not None:
             notes.append("channel-mean statistics are cross-fitted in this process, not on the engine")
         folds = measure_folds(probe, source, preprocess, config.batch_size, config.folds if auto else 1, progress,
-                              image_topk=image_topk((grid or (fixed,)) + ((config.gate,) if config.gate else ()),
-                                                    len(source)))
+                              image_topk=image_topk(depth, len(source)))
         stats = folds.merged()
     else:
         folds = None
@@ -218,30 +234,22 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                     "forwards": len(source) * (1 + len(rows))}
     elif fixed is not None:
         strength = {"mode": "fixed", "quantile": fixed, "power": config.power}
-    final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
-                      margin=config.margin, power=config.power)
+    gate = None
+    if auto and config.gate is not None:
+        chosen, gate, strength["gate"] = _fit_gate(editable, plans, folds, source, preprocess, config, rows, chosen,
+                                                   progress)
+        strength["forwards"] += len(source) * len(strength["gate"]["tried"])
+        if gate is None:
+            notes.append("score gate left out: " + strength["gate"]["reason"])
+        strength["quantile"] = chosen
+    elif config.gate is not None and config.mean_bounds and not auto:
+        notes.append("score gate left out: it needs the cross-fitted strength (--strength auto) and enough images")
     chosen_row = next((r for r in rows if r.quantile == chosen), None)
     scales = chosen_row.score_scales if chosen_row is not None else None
-    gate = None
-    if config.gate is not None and chosen_row is not None and np.isfinite(chosen_row.score_p99):
-        threshold = chosen_row.score_p99 * config.gate_margin
-        gated = cross_fit_gate(editable, plans, folds, source, preprocess, config.batch_size, chosen_row, config.gate,
-                               threshold, position_quantile=config.quantile, margin=config.margin,
-                               power=config.power, provider=config.provider, progress=progress)
-        keep = within_budget(gated, next(r for r in rows if r.quantile == 100.0), config.rule, config.slack)
-        strength["gate"] = {"quantile": config.gate, "threshold": threshold, "kept": keep,
-                            "held_out": _candidate(gated),
-                            "rule": "kept when its held-out cost is within the strength's budget (the cost at q 100 "
-                                    "plus the slack)"}
-        strength["forwards"] += len(source)
-        if keep:
-            gate = threshold
-            final = with_gate(final, plans, stats, len(source), config.gate)
-        else:
-            notes.append(f"score gate left out: its held-out cost ({100 * gated.estimated_drop:.2f}% estimated "
-                         f"accuracy drop) exceeds the strength budget")
-    elif config.gate is not None:
-        notes.append("score gate left out: it needs the cross-fitted strength (--strength auto) and enough images")
+    final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
+                      margin=config.margin, power=config.power)
+    if gate is not None:
+        final = with_gate(final, plans, stats, len(source), config.gate)
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
                                 gate_threshold=gate)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
@@ -310,9 +318,46 @@ def _map_report(plan: MapPlan, bound: ClampBound | None, scaled: float | None) -
         mean_hi_max=None if mean is None else float(mean.hi.max()), mean_scaled=scaled)
 
 
+def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, preprocess: Preprocess,
+              config: ClampConfig, rows: list[StrengthRow], chosen: float,
+              progress: Progress | None) -> tuple[float, float | None, dict]:
+    """The strength and gate threshold to deploy, and the report of how they were chosen.
+
+    The gate shares the strength's budget (held-out cost at most the cost at q 100 plus the slack).
+    Tried at the chosen strength first; when the two together exceed the budget, at the next weaker
+    strength, and so on up to q 100: measured, the gate removes far more of a full-image backdoor
+    than one step of strength does (VGG SIG: 48% ASR at q 99 without it, 4-8% with it at q 99-99.5).
+    """
+    reference = next(r for r in rows if r.quantile == 100.0)
+    tried = []
+    for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
+        threshold = score_threshold(row, config.gate_alarm)
+        if not np.isfinite(threshold):
+            break
+        gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
+                               threshold, position_quantile=config.quantile, margin=config.margin,
+                               power=config.power, provider=config.provider, progress=progress)
+        tried.append(dict(_candidate(gated), threshold=threshold))
+        if within_budget(gated, reference, config.rule, config.slack):
+            return row.quantile, threshold, {
+                "quantile": config.gate, "alarm": config.gate_alarm, "threshold": threshold, "kept": True,
+                "strength_without_gate": chosen, "tried": tried, "rule": GATE_RULE}
+    return chosen, None, {"quantile": config.gate, "alarm": config.gate_alarm, "threshold": None, "kept": False,
+                          "strength_without_gate": chosen, "tried": tried, "rule": GATE_RULE,
+                          "reason": "with the gate, no strength kept the held-out cost within the budget"}
+
+
+GATE_RULE = ("the strongest strength, from the chosen one up to q 100, at which the gated rewrite's held-out "
+             "cost stays within the strength's budget (the cost at q 100 plus the slack); no gate when none does")
+
+
+def _quantile_gate(gate) -> bool:
+    return isinstance(gate, (int, float)) and not isinstance(gate, bool)
+
+
 def _candidate(row: StrengthRow) -> dict:
     """A strength row for the report (the per-part score scales are reported once, in ``score``)."""
-    return {k: v for k, v in dataclasses.asdict(row).items() if k != "score_scales"}
+    return {k: v for k, v in dataclasses.asdict(row).items() if k not in ("score_scales", "held_out_scores")}
 
 
 def _score_section(row: StrengthRow | None, records: list) -> dict:

@@ -106,7 +106,7 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
 
 
 def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource,
-                   preprocess: Preprocess, batch_size: int, row: StrengthRow, gate_quantile: float,
+                   preprocess: Preprocess, batch_size: int, row: StrengthRow, gate_quantile: float | str,
                    threshold: float, *, position_quantile: float, margin: float, power: float,
                    provider: str = "auto", progress: Progress | None = None) -> StrengthRow:
     """Held-out cost of the strength of `row` with the score gate added (`with_gate`): what the gate
@@ -119,20 +119,26 @@ def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, sou
         return with_gate(bounds, plans, merged, images, gate_quantile)
     gated = _held_out(model, folds, source, preprocess, batch_size, row.quantile, fold_bounds,
                       {"score_scales": row.score_scales or None, "gate_threshold": threshold}, provider, progress,
-                      f"cross-fit gate q={gate_quantile:g}")
+                      f"cross-fit gate {gate_quantile}")
     return dataclasses.replace(gated, score_p99=row.score_p99, score_scales=row.score_scales)
 
 
 def with_gate(bounds: dict[str, ClampBound], plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: int,
-              quantile: float) -> dict[str, ClampBound]:
+              quantile: float | str) -> dict[str, ClampBound]:
     """`bounds` with the score gate's tighter channel-mean bound (the `quantile` of clean channel
-    means, never above the map's own bound) on every map that has a channel-mean bound."""
+    means, or their average for ``"mean"``; never above the map's own bound) on every map that has
+    a channel-mean bound."""
     out = dict(bounds)
     for plan in plans:
         b = out.get(plan.tap.name)
         if b is None or b.mean is None or plan.mean_stat is None:
             continue
-        g = np.minimum(mean_bound(stats[plan.tap.name], plan.mean_stat, quantile, images), b.mean.hi)
+        st = stats[plan.tap.name]
+        if quantile == "mean":
+            g = st.image_moments[plan.mean_stat].mean.astype(np.float32)
+        else:
+            g = mean_bound(st, plan.mean_stat, float(quantile), images)
+        g = np.minimum(g, b.mean.hi)
         mean = dataclasses.replace(b.mean, gate_hi=g, gate_power=b.mean.power)
         out[plan.tap.name] = dataclasses.replace(b, mean=mean)
     return out

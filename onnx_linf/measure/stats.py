@@ -138,6 +138,9 @@ class ChannelStats:
     """``[C]`` min over images and positions, if measured."""
     top: dict[str, TopK] = field(default_factory=dict)
     """Streaming top-k / bottom-k by statistic (``pos_top``, ``pos_bottom``, ``img_max``, ``img_min``)."""
+    image_moments: dict[str, Moments] = field(default_factory=dict)
+    """Per-image statistic (``img_mean``, ``img_pmean``) -> its moments over images (exact mean of
+    the per-image channel means, without keeping them)."""
 
     @property
     def count(self) -> int:
@@ -154,11 +157,14 @@ class ChannelStats:
         top = dict(self.top)
         for name, t in other.top.items():
             top[name] = top[name].merge(t) if name in top else t
+        image_moments = dict(self.image_moments)
+        for name, m in other.image_moments.items():
+            image_moments[name] = image_moments[name].merge(m) if name in image_moments else m
         return ChannelStats(
             self.tap, self.channels, moments,
             _combine(self.pos_max, other.pos_max, np.maximum), _combine(self.pos_min, other.pos_min, np.minimum),
             _combine(self.chan_max, other.chan_max, np.maximum), _combine(self.chan_min, other.chan_min, np.minimum),
-            top,
+            top, image_moments,
         )
 
 
@@ -203,6 +209,9 @@ class StatsCollector:
                 k = self.topk if ref.stat in TOPK_STATS else self.image_topk
                 acc = st.top.setdefault(ref.stat, TopK(k, largest))
                 acc.update(value, images=images if ref.stat in TOPK_STATS else None)
+                if ref.stat in ("img_mean", "img_pmean"):
+                    m, seen = Moments.of(value), st.image_moments
+                    seen[ref.stat] = seen[ref.stat].merge(m) if ref.stat in seen else m
             elif ref.stat in POSITION_STATS or ref.stat in BATCH_STATS:
                 attr = ref.stat
                 op = np.maximum if attr.endswith("max") else np.minimum
