@@ -65,7 +65,9 @@ def flagged_lines(report: ScanReport) -> None:
 
 def synthesis_table(synthesis: dict) -> Table:
     """Per-class synthesized trigger sizes and anomaly indices, from a report's ``synthesis`` section."""
-    table = Table(title=f"synthesized triggers ({len(synthesis['classes'])} classes, {synthesis['queries']} "
+    skipped = synthesis.get("not_examined") or {}
+    left_out = "".join(f", {len(v)} not examined ({k})" for k, v in skipped.items() if k != "not requested")
+    table = Table(title=f"synthesized triggers ({len(synthesis['classes'])} classes{left_out}, {synthesis['queries']} "
                         f"queries, {synthesis['seconds']:.1f} s)", title_justify="left")
     for col in ("class", "mask L1", "ASR", "ℓ∞ top share", "anomaly", ""):
         table.add_column(col, justify="right" if col else "left")

@@ -10,6 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from onnx_linf.cli.app import app
 from onnx_linf.cli.synthesize import synthesize_command
 from onnx_linf.decide.synthesis.preselect import baseline_weights, preselect
 from onnx_linf.decide.synthesis.results import SynthConfig
@@ -188,3 +189,11 @@ def test_cli_says_what_the_preselection_left_out(many, tmp_path):
     assert report["num_classes"] == CLASSES and len(report["examined"]) == 16
     assert sorted(report["not_examined"]["pre-selection"] + report["examined"]) == list(range(CLASSES))
     assert "pre-selection: searched 8 candidate and 8 reference classes of 20" in result.stderr
+
+
+def test_scan_table_names_the_classes_left_out(many):
+    model, _, _, calib = many
+    result = CliRunner().invoke(app, ["scan", str(model.path), "--calib", str(calib), "--synthesize",
+                                      "--time-limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert "4 not examined (pre-selection)" in " ".join(result.output.split())
