@@ -15,7 +15,8 @@ class SynthConfig:
     """Options of `synthesize`. Defaults are tuned on small CNNs (16x16 digits, 32x32 CIFAR-10)."""
 
     classes: tuple[int, ...] | None = None
-    """Candidate target classes; None = every class of the model's output."""
+    """Candidate target classes; None = every class of the model's output, or on a model with more
+    than ``candidates + references`` classes those the pre-selection picks."""
     steps: int = 150
     """NES steps per class. Mask norms were still shrinking slowly at 150 on the digits fixtures,
     but the target/other-class gap is already clear there."""

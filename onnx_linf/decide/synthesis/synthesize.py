@@ -113,7 +113,8 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
                          "evidence)")
     units = config.steps + (config.patch_steps if config.patches else 0)
     results: list[ClassTrigger] = []
-    skipped: dict[int, str] = {c: "not requested" for c in range(n_classes) if c not in set(classes)}
+    requested = set(classes)
+    skipped: dict[int, str] = {c: "not requested" for c in range(n_classes) if c not in requested}
     scan = None
     if config.patches:
         try:
@@ -127,7 +128,8 @@ def synthesize(model: Model, source: DataSource, preprocess: Preprocess, config:
         scores.update(clean_logp=clean_logp_scores(logp), **extra_scores)
         pre = preselect(scores, n_classes, config.candidates, config.references, config.seed)
         classes = pre.candidates + pre.references
-        skipped.update({c: "pre-selection" for c in range(n_classes) if c not in set(classes)})
+        picked = set(classes)
+        skipped.update({c: "pre-selection" for c in range(n_classes) if c not in picked})
         log.info("pre-selection: candidates %s, references %s of %d classes", list(pre.candidates),
                  list(pre.references), n_classes)
     progress.start("synthesize", len(classes) * units)
