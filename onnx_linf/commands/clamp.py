@@ -112,11 +112,11 @@ class ClampConfig:
     score_output: bool = False
     """Add the per-image anomaly score output ``onnx_linf_score`` to the clamped model."""
     gate: float | str | None = DEFAULT_GATE
-    """Score gate (needs ``auto``): images whose running score passes the gate threshold get their
-    channel means bounded at this quantile (percent) of clean ones, or at their average
-    (``"mean"``), from that map on; None: no gate."""
+    """Score gate (needs ``auto``): images whose running channel-mean score (the score's channel-mean
+    parts over the maps so far) passes the gate threshold get their channel means bounded at this
+    quantile (percent) of clean ones, or at their average (``"mean"``), from that map on; None: no gate."""
     gate_alarm: float = DEFAULT_GATE_ALARM
-    """Gate threshold: the score that this share of held-out clean calibration images exceeds."""
+    """Gate threshold: the channel-mean score that this share of held-out clean calibration images exceeds."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -331,7 +331,7 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
     reference = next(r for r in rows if r.quantile == 100.0)
     tried = []
     for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
-        threshold = score_threshold(row, config.gate_alarm)
+        threshold = score_threshold(row, config.gate_alarm, kind="mean")
         if not np.isfinite(threshold):
             break
         gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
@@ -357,7 +357,8 @@ def _quantile_gate(gate) -> bool:
 
 def _candidate(row: StrengthRow) -> dict:
     """A strength row for the report (the per-part score scales are reported once, in ``score``)."""
-    return {k: v for k, v in dataclasses.asdict(row).items() if k not in ("score_scales", "held_out_scores")}
+    hidden = ("score_scales", "held_out_scores", "held_out_mean_scores")
+    return {k: v for k, v in dataclasses.asdict(row).items() if k not in hidden}
 
 
 def _score_section(row: StrengthRow | None, records: list) -> dict:

@@ -120,7 +120,8 @@ def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, sou
     gated = _held_out(model, folds, source, preprocess, batch_size, row.quantile, fold_bounds,
                       {"score_scales": row.score_scales or None, "gate_threshold": threshold}, provider, progress,
                       f"cross-fit gate {gate_quantile}")
-    return dataclasses.replace(gated, score_p99=row.score_p99, score_scales=row.score_scales)
+    return dataclasses.replace(gated, score_p99=row.score_p99, score_scales=row.score_scales,
+                               held_out_scores=row.held_out_scores, held_out_mean_scores=row.held_out_mean_scores)
 
 
 def with_gate(bounds: dict[str, ClampBound], plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: int,
@@ -169,7 +170,8 @@ def _held_out(model: Model, folds: FoldStats, source: DataSource, preprocess: Pr
             progress.advance(len(batch))
     finally:
         progress.finish()
-    return held_out_row(quantile, folds.probabilities, folds.predictions, new, parts)
+    mean_parts = np.array([kind == "mean" for r in records for kind in r.score_parts], dtype=bool)
+    return held_out_row(quantile, folds.probabilities, folds.predictions, new, parts, mean_parts)
 
 
 def held_out_scaled(plans: Sequence[MapPlan], folds: FoldStats, strength: float | None) -> dict[str, float]:

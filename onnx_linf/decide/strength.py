@@ -19,7 +19,7 @@ Costs a rule can use, per candidate q, over the held-out images:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,10 @@ class StrengthRow:
     score_scales: tuple[float, ...] = ()
     """Per score part, its held-out 99th percentile (at least `SCORE_SCALE_FLOOR`): the part's scale
     in the deployed score. Empty without parts."""
+    held_out_scores: tuple[float, ...] = field(default=(), repr=False)
+    """Every held-out image's score (for thresholds at other false-alarm rates); not reported."""
+    held_out_mean_scores: tuple[float, ...] = field(default=(), repr=False)
+    """The same over the channel-mean parts only (what the score gate reads); not reported."""
 
 
 @dataclass(frozen=True)
@@ -82,16 +86,31 @@ def part_scales(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def held_out_row(quantile: float, probabilities: np.ndarray, original: np.ndarray, new: np.ndarray,
-                 parts: np.ndarray) -> StrengthRow:
+                 parts: np.ndarray, mean_parts: np.ndarray | None = None) -> StrengthRow:
     """Costs of one candidate from held-out predictions (every image held out exactly once), and
-    the score's part scales and 1% threshold from the held-out score parts ``[N, P]``."""
+    the score's part scales and 1% threshold from the held-out score parts ``[N, P]``
+    (`mean_parts`: which columns are channel-mean parts)."""
     rows = np.arange(len(original))
     drop = probabilities[rows, original] - probabilities[rows, new]
     scales, scores = part_scales(parts)
+    mean_scores = ()
+    if mean_parts is not None and np.any(mean_parts):
+        scaled = np.asarray(parts, dtype=np.float64).reshape(len(parts), -1)[:, mean_parts] / scales[mean_parts]
+        mean_scores = tuple(float(v) for v in scaled.max(axis=1, initial=0.0))
     finite = scores[np.isfinite(scores)]
     p99 = float(np.quantile(finite, 0.99, method="inverted_cdf")) if len(finite) else float("nan")
     return StrengthRow(quantile, float((new != original).mean()), float(drop.mean()), p99,
-                       tuple(float(v) for v in scales))
+                       tuple(float(v) for v in scales), tuple(float(v) for v in scores), mean_scores)
+
+
+def score_threshold(row: StrengthRow, alarm: float, kind: str = "all") -> float:
+    """The score (``all`` parts, or the ``mean`` parts the gate reads) above which a share `alarm`
+    of the held-out clean images of `row` lie."""
+    scores = np.asarray(row.held_out_scores if kind == "all" else row.held_out_mean_scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    if not len(scores):
+        return float("nan")
+    return float(np.quantile(scores, 1.0 - alarm, method="inverted_cdf"))
 
 
 def _cost(rule: str):

@@ -249,7 +249,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             `score_output`; what a caller measures the scales from).
         score_scales: one positive scale per part (`ClampRecord.score_parts` order); None: all 1.
         gate_threshold: the score gate: at each map with a `MeanBound.gate_hi`, images whose
-            running score (largest scaled part of the maps so far, this map's channel-mean part
+            running score (largest scaled channel-mean part of the maps so far, this map's
             included) exceeds it get the gate's tighter channel-mean factor. Images below it are
             untouched, so the score of every image the gate leaves alone is what it was without it.
 
@@ -280,12 +280,14 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
     scales = None if score_scales is None else np.asarray(score_scales, dtype=np.float64).reshape(-1)
     running: list[gs.Variable] = []  # the gate's running score, [N] float32
 
-    def add_part(n: _Nodes, part: gs.Variable, dtype: np.dtype) -> None:
-        """Register one score part; with the gate, fold its scaled value into the running score."""
+    def add_part(n: _Nodes, part: gs.Variable, dtype: np.dtype, kind: str) -> None:
+        """Register one score part; with the gate, fold a channel-mean part's scaled value into the
+        running score (the gate answers channel-mean evidence: a patch, which only the position
+        parts see, is the position clamp's job, and gating it was measured to help the patch)."""
         part = part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
                                                   to=onnx.TensorProto.FLOAT)
         scores.append(part)
-        if gate_threshold is None:
+        if gate_threshold is None or kind != "mean":
             return
         j = len(scores) - 1
         if scales is not None and j >= len(scales):
@@ -296,7 +298,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
         running.append(part if not running else n("Max", [running[-1], part], "running_score", dtype=np.float32))
 
     def gate_flag(n: _Nodes, mean_score: gs.Variable) -> gs.Variable:
-        add_part(n, mean_score, n.dtype)
+        add_part(n, mean_score, n.dtype, "mean")
         t = gs.Constant(names.fresh(f"{PREFIX}/gate/threshold/{n.tap}"), np.array(gate_threshold, np.float32))
         hit = n("Greater", [running[-1], t], "gate_hit", dtype=np.bool_)
         shape = gs.Constant(names.fresh(f"{PREFIX}/gate/shape/{n.tap}"), np.array([-1, 1, 1, 1], np.int64))
@@ -342,13 +344,13 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
                 if mean_score is not None:
                     parts.append("mean")
                     if not gated:  # the gate registered it already (before its flag)
-                        add_part(n, mean_score, dtype)
+                        add_part(n, mean_score, dtype, "mean")
             if hi is not None:
                 hi_c = n.const("clamp_hi", hi)
                 lo_c = None if lo is None else n.const("clamp_lo", lo)
                 if with_parts:
                     parts.append("position")
-                    add_part(n, _position_score(n, x, hi, lo, hi_c, lo_c), dtype)
+                    add_part(n, _position_score(n, x, hi, lo, hi_c, lo_c), dtype, "position")
                 if lo is None:
                     n("Min", [x, hi_c], "min", out=out)
                 else:
