@@ -190,7 +190,7 @@ def test_score_gate_tightens_only_the_flagged_images(tmp_path, opset):
     hi[3, 0, 0] = a[6, 3, 0, 0] * 0.1  # image 6 leaves one position far behind: only the position part sees it
     model = identity_model(tmp_path, opset)
     plain = ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=1e-3))
-    gated = ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=1e-3, gate_hi=gate_hi, gate_power=3.0))
+    gated = ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=1e-3, gate_hi=gate_hi))
     scales = (0.4, 0.01)  # the position part scaled up: it must still not gate (the gate reads mean parts)
     threshold = 1.0
     p0, _ = clamp_maps(model, {"a": plain}, score_output=True, score_scales=scales)
@@ -203,11 +203,17 @@ def test_score_gate_tightens_only_the_flagged_images(tmp_path, opset):
     flagged = mean_part.reshape(8, -1).max(axis=1) / scales[0] > threshold
     assert flagged.tolist() == [False, True, False, False, False, False, False, False]
     np.testing.assert_array_equal(out1[~flagged], out0[~flagged])
-    g = np.minimum(np.maximum(gate_hi, 1e-3).reshape(1, C, 1, 1) / np.maximum(mu, 1e-3), 1.0) ** 3.0
+    g = np.minimum(np.maximum(gate_hi, 1e-3).reshape(1, C, 1, 1) / np.maximum(mu, 1e-3), 1.0) ** 2.0
     want = np.minimum(a * g, hi)
     np.testing.assert_allclose(out1[flagged], want[flagged], rtol=2e-5, atol=1e-6)
     assert (out1[1] < out0[1]).any()
     assert score0[6] > threshold  # the score sees image 6; the gate leaves it to the position clamp
     np.testing.assert_array_equal(score1[~flagged], score0[~flagged])
+    # Without the score output the gate builds no score nodes (no full-size position part) and
+    # clamps the same way.
+    p2, _ = clamp_maps(model, {"a": gated}, score_scales=scales, gate_threshold=threshold)
+    assert [o.name for o in p2.graph.output] == ["output"]
+    assert not any(o.endswith("pos_score") for node in p2.graph.node for o in node.output)
+    np.testing.assert_array_equal(create_session(model, p2, "cpu").run(None, a)[0], out1)
     with pytest.raises(RewriteError, match="gate threshold"):
         clamp_maps(model, {"a": gated}, gate_threshold=float("nan"))

@@ -140,7 +140,7 @@ def with_gate(bounds: dict[str, ClampBound], plans: Sequence[MapPlan], stats: di
         else:
             g = mean_bound(st, plan.mean_stat, float(quantile), images)
         g = np.minimum(g, b.mean.hi)
-        mean = dataclasses.replace(b.mean, gate_hi=g, gate_power=b.mean.power)
+        mean = dataclasses.replace(b.mean, gate_hi=g)
         out[plan.tap.name] = dataclasses.replace(b, mean=mean)
     return out
 

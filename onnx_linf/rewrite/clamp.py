@@ -61,9 +61,7 @@ class MeanBound:
     """Bound the mean of ``Relu(a)`` (for maps that can go negative) instead of the mean of ``a``."""
     gate_hi: np.ndarray | None = None
     """``[C]`` tighter bound for images the score gate has flagged (``clamp_maps(gate_threshold=)``):
-    they get ``min(B_gate / mu, 1)^gate_power`` instead; None: the gate does not act on this map."""
-    gate_power: float = 6.0
-    """Exponent of the gated factor."""
+    they get ``min(B_gate / mu, 1)^p`` instead; None: the gate does not act on this map."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,26 +141,32 @@ class _Nodes:
         return out
 
     def reduce_max(self, x: gs.Variable, axes: list[int], what: str) -> gs.Variable:
-        # ReduceMax takes `axes` as an attribute up to opset 17 and as an input from 18 on.
+        return self.reduce(x, "ReduceMax", axes, what)
+
+    def reduce(self, x: gs.Variable, op: str, axes: list[int], what: str, keepdims: int = 0) -> gs.Variable:
+        # ReduceMax/Min take `axes` as an attribute up to opset 17 and as an input from 18 on.
         if self.opset >= 18:
             axes_c = gs.Constant(self.names.fresh(f"{PREFIX}/axes/{self.tap}"), np.array(axes, dtype=np.int64))
-            return self(op="ReduceMax", inputs=[x, axes_c], what=what, keepdims=0)
-        return self(op="ReduceMax", inputs=[x], what=what, keepdims=0, axes=axes)
+            return self(op=op, inputs=[x, axes_c], what=what, keepdims=keepdims)
+        return self(op=op, inputs=[x], what=what, keepdims=keepdims, axes=axes)
 
 
 def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
-                      out: gs.Variable | None = None, gate=None) -> tuple[gs.Variable, gs.Variable | None]:
-    """``raw * min(max(B, eps) / max(mu, eps), 1)^p`` and, when asked, the per-image ``relu(log(mu / B))``.
+                      out: gs.Variable | None = None, gate: tuple[float, gs.Variable | None] | None = None,
+                      ) -> tuple[gs.Variable, gs.Variable | None, gs.Variable | None]:
+    """``raw * min(max(B, eps) / max(mu, eps), 1)^p``; when asked, the per-image mean part
+    ``max_c relu(log(mu / B))`` (``[N, 1, 1, 1]``); with `gate`, the gate's running flag.
 
-    `gate`, when given, maps this map's mean score to a ``[N, 1, 1, 1]`` 0/1 flag (in the map's
-    dtype); flagged images get the factor of `MeanBound.gate_hi` instead. Unflagged images get
-    ``f + 0 * (g - f)``, which is ``f`` exactly.
+    `gate` is ``(limit, flag so far)``: an image is flagged here when its smallest factor
+    ``min_c B / max(mu, B)`` is below `limit` (its mean part above the gate threshold) or when an
+    earlier map flagged it; a flagged image's bound is `MeanBound.gate_hi`. ``Where`` picks ``B``
+    for the others, whose factor is then computed from the same values: bit for bit unchanged.
     """
     hi = np.asarray(mb.hi, dtype=np.float64).reshape(-1)
     if hi.shape != (channels,) or not np.isfinite(hi).all() or (hi < 0).any():
         raise RewriteError(f"channel-mean bound of '{n.tap}' must be {channels} finite values >= 0")
-    if not (mb.eps > 0 and mb.power > 0 and mb.gate_power > 0):
-        raise RewriteError(f"channel-mean bound of '{n.tap}': eps and powers must be > 0")
+    if not (mb.eps > 0 and mb.power > 0):
+        raise RewriteError(f"channel-mean bound of '{n.tap}': eps and power must be > 0")
     gated = gate is not None and mb.gate_hi is not None
     source = n("Relu", [raw], "positive") if mb.positive else raw
     mu = n("GlobalAveragePool", [source], "mean")
@@ -170,24 +174,25 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
     # at or below B' divides B' by itself, exactly 1; above it max(mu, eps) is mu), in two nodes.
     num = n.const("mean_hi", np.maximum(hi, mb.eps).reshape(1, channels, 1, 1))
     factor = n("Div", [num, n("Max", [mu, num], "mean_floor")], "mean_factor")
-    mean_score = None
+    mean_score = flag = smallest = None
     if score or gated:
-        # relu(-log(factor)) = relu(log(max(mu, eps) / max(B, eps))), 0 wherever the mean is in bounds.
-        over = n("Relu", [n("Neg", [n("Log", [factor], "log_ratio")], "log_excess")], "mean_excess")
-        mean_score = n.reduce_max(n("Flatten", [over], "mean_excess_flat", axis=1), [1], "mean_score")
-    powered = _power(n, factor, float(mb.power))
+        smallest = n.reduce(factor, "ReduceMin", [1, 2, 3], "mean_factor_min", keepdims=1)
+    if score:
+        # max_c relu(log(max(mu, eps) / max(B, eps))) = -log(min_c factor): every factor is <= 1.
+        mean_score = n("Neg", [n("Log", [smallest], "log_factor_min")], "mean_score")
     if gated:
         g_hi = np.asarray(mb.gate_hi, dtype=np.float64).reshape(-1)
         if g_hi.shape != (channels,) or not np.isfinite(g_hi).all() or (g_hi < 0).any():
             raise RewriteError(f"gate bound of '{n.tap}' must be {channels} finite values >= 0")
-        flag = gate(n, mean_score)
-        g_num = n.const("gate_hi", np.maximum(g_hi, mb.eps).reshape(1, channels, 1, 1))
-        g_factor = _power(n, n("Div", [g_num, n("Max", [mu, g_num], "gate_floor")], "gate_factor"),
-                          float(mb.gate_power))
-        powered = n("Add", [powered, n("Mul", [flag, n("Sub", [g_factor, powered], "gate_delta")], "gate_step")],
-                    "gated_factor")
-    scaled = n("Mul", [raw, powered], "mean_scaled", out=out)
-    return scaled, mean_score
+        limit, before = gate
+        flag = n("Less", [smallest, n.const("gate_limit", limit)], "gate_hit", dtype=np.bool_)
+        if before is not None:
+            flag = n("Or", [before, flag], "gate_flag", dtype=np.bool_)
+        g_num = n.const("gate_hi", np.maximum(np.minimum(g_hi, hi), mb.eps).reshape(1, channels, 1, 1))
+        bound = n("Where", [flag, g_num, num], "gated_bound")
+        factor = n("Div", [bound, n("Max", [mu, bound], "gated_floor")], "gated_factor")
+    scaled = n("Mul", [raw, _power(n, factor, float(mb.power))], "mean_scaled", out=out)
+    return scaled, mean_score, flag
 
 
 #: Integer powers up to this are products (repeated squaring), higher or fractional ones `Pow`.
@@ -276,34 +281,27 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
         raise RewriteError("score parts need the score output")
     if gate_threshold is not None and not (np.isfinite(gate_threshold) and gate_threshold >= 0):
         raise RewriteError(f"the gate threshold must be finite and >= 0, got {gate_threshold}")
+    # Parts are counted with the gate too: its per-map limits use the parts' scales.
     with_parts = score_output or gate_threshold is not None
     scales = None if score_scales is None else np.asarray(score_scales, dtype=np.float64).reshape(-1)
-    running: list[gs.Variable] = []  # the gate's running score, [N] float32
+    flags: list[gs.Variable] = []  # the gate's running flag, bool [N, 1, 1, 1]
 
-    def add_part(n: _Nodes, part: gs.Variable, dtype: np.dtype, kind: str) -> None:
-        """Register one score part; with the gate, fold a channel-mean part's scaled value into the
-        running score (the gate answers channel-mean evidence: a patch, which only the position
-        parts see, is the position clamp's job, and gating it was measured to help the patch)."""
-        part = part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
-                                                  to=onnx.TensorProto.FLOAT)
-        scores.append(part)
-        if gate_threshold is None or kind != "mean":
-            return
-        j = len(scores) - 1
+    counted = [0]  # parts so far, built or not (the gate alone builds no position parts)
+
+    def add_part(n: _Nodes, part: gs.Variable | None, dtype: np.dtype) -> None:
+        counted[0] += 1
+        if part is not None and score_output:
+            scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
+                                                             to=onnx.TensorProto.FLOAT))
+
+    def gate_of(j: int) -> tuple[float, gs.Variable | None]:
+        """The gate at a map whose mean part is part `j`: a factor below exp(-threshold * scale_j)
+        is a mean part above the threshold. Only channel-mean parts gate: a patch, which only the
+        position parts see, is the position clamp's job (gating it let a patch backdoor back)."""
         if scales is not None and j >= len(scales):
             raise RewriteError(f"the score needs a scale for every part, got {len(scales)}")
-        if scales is not None and scales[j] != 1.0:
-            inv = gs.Constant(names.fresh(f"{PREFIX}/gate/inv_scale/{n.tap}"), np.array(1.0 / scales[j], np.float32))
-            part = n("Mul", [part, inv], "scaled_part", dtype=np.float32)
-        running.append(part if not running else n("Max", [running[-1], part], "running_score", dtype=np.float32))
-
-    def gate_flag(n: _Nodes, mean_score: gs.Variable) -> gs.Variable:
-        add_part(n, mean_score, n.dtype, "mean")
-        t = gs.Constant(names.fresh(f"{PREFIX}/gate/threshold/{n.tap}"), np.array(gate_threshold, np.float32))
-        hit = n("Greater", [running[-1], t], "gate_hit", dtype=np.bool_)
-        shape = gs.Constant(names.fresh(f"{PREFIX}/gate/shape/{n.tap}"), np.array([-1, 1, 1, 1], np.int64))
-        flag = n("Cast", [hit], "gate_flag", to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(n.dtype)))
-        return n("Reshape", [flag, shape], "gate_flag4")
+        scale = 1.0 if scales is None else float(scales[j])
+        return float(np.exp(-gate_threshold * scale)), flags[-1] if flags else None
     for taken in (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_output else ():
         if taken in names.taken:
             raise RewriteError(f"the model already has a tensor named '{taken}'")
@@ -337,20 +335,21 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             n = _Nodes(names, model.opset or 21, tap, dtype)
             x, parts = raw, []  # kinds of this map's score parts
             if mean is not None:
-                gated = gate_threshold is not None and mean.gate_hi is not None
+                gate = gate_of(counted[0]) if gate_threshold is not None and mean.gate_hi is not None else None
                 # Without a position clamp the scaling Mul writes the tap's own tensor.
-                x, mean_score = _mean_bound_nodes(n, raw, mean, channels, with_parts,
-                                                  out=out if hi is None else None, gate=gate_flag if gated else None)
-                if mean_score is not None:
+                x, mean_score, flag = _mean_bound_nodes(n, raw, mean, channels, score_output,
+                                                        out=out if hi is None else None, gate=gate)
+                if flag is not None:
+                    flags.append(flag)
+                if with_parts:
                     parts.append("mean")
-                    if not gated:  # the gate registered it already (before its flag)
-                        add_part(n, mean_score, dtype, "mean")
+                    add_part(n, mean_score, dtype)
             if hi is not None:
                 hi_c = n.const("clamp_hi", hi)
                 lo_c = None if lo is None else n.const("clamp_lo", lo)
-                if with_parts:
+                if with_parts:  # the position part is built only for the score output (full-size nodes)
                     parts.append("position")
-                    add_part(n, _position_score(n, x, hi, lo, hi_c, lo_c), dtype, "position")
+                    add_part(n, _position_score(n, x, hi, lo, hi_c, lo_c) if score_output else None, dtype)
                 if lo is None:
                     n("Min", [x, hi_c], "min", out=out)
                 else:
