@@ -220,6 +220,20 @@ def test_cli_reports_strength_maps_and_score(fixtures_dir, tmp_path):
     bad = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
                               str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "t.onnx"), "--strength", "x"])
     assert bad.exit_code == 2 and "--strength" in bad.stderr
+    for gate in ("sometimes", "0"):
+        bad = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
+                                  str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "t.onnx"), "--gate", gate])
+        assert bad.exit_code == 2 and "--gate" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_gate_on_by_default_and_off_on_request(fixtures_dir, tmp_path):
+    args = ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib", str(fixtures_dir / "digits_calib"),
+            "--json", "-", "-q"]
+    on = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx")]).stdout)
+    off = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "b.onnx"), "--gate", "off"]).stdout)
+    assert on["strength"]["gate"]["quantile"] == "mean" and on["strength"]["gate"]["alarm"] == 0.003
+    assert "gate" not in off["strength"]
+    assert on["strength"]["forwards"] > off["strength"]["forwards"]  # the gate's held-out pass(es)
 
 
 def test_model_tensor_of_a_fold_batch_is_the_rows_of_the_source():
