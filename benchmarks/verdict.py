@@ -11,7 +11,8 @@ highest statistic of any other class on any model (clean models included). Print
 Without model arguments: fixtures/digits_*.onnx, benchmarks/.cache/cifar/*.onnx and
 benchmarks/.cache/cifar_seed*/*.onnx that exist (benchmarks/cifar_models.py trains them). CIFAR models
 take the first --calib-images calibration images of their folder's split.npz; the digits models
-fixtures/digits_calib. The patch search (`--synthesize`) is not run here: see benchmarks/synth_time.py.
+fixtures/digits_calib; the many-class models (benchmarks/many_class.py, given as arguments) their
+calib.npy. The patch search (`--synthesize`) is not run here: see benchmarks/synth_time.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def calibration(path: Path, pre: Preprocess, n: int) -> np.ndarray:
     if split.exists():
         with np.load(split) as data:
             return data["calib_x"][:n]
+    if (path.parent / "calib.npy").exists():  # benchmarks/many_class.py
+        return read_pool(open_source(path.parent / "calib.npy", pre), n)
     return read_pool(open_source(ROOT / "fixtures/digits_calib", pre), n)
 
 
