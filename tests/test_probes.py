@@ -206,3 +206,12 @@ def test_candidate_scores_rank_the_planted_target_first(model_file, grey):
     scores, run = probe_candidates(model, grey, clean_pixels(60), FAST, "cpu")
     assert scores.shape == (CLASSES,) and int(np.argmax(scores)) == 0 and scores[0] > 1
     np.testing.assert_array_equal(scores, candidate_scores(run))
+
+
+def test_verdict_without_calib_is_the_data_free_verdict(fixtures_dir):
+    r = runner.invoke(app, ["scan", str(fixtures_dir / "digits_clean.onnx"), "--verdict", "--fail-on-suspect",
+                            "--provider", "cpu", "--max-queries", "3000", "--json", "-"])
+    assert r.exit_code == ExitCode.OK, r.stderr
+    report = json.loads(r.stdout)
+    assert report["evidence"]["kind"] == "data-free" and "probes" not in report["extra"]
+    assert "--calib DATA --verdict" in r.stderr
