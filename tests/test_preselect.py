@@ -197,3 +197,12 @@ def test_scan_table_names_the_classes_left_out(many):
                                       "--time-limit", "3"])
     assert result.exit_code == 0, result.output
     assert "4 not examined (pre-selection)" in " ".join(result.output.split())
+
+
+def test_verdict_feeds_the_probe_scores_into_the_preselection(many):
+    model, _, _, calib = many
+    result = CliRunner().invoke(app, ["scan", str(model.path), "--calib", str(calib), "--verdict",
+                                      "--time-limit", "3", "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    pre = json.loads(result.stdout)["extra"]["synthesis"]["preselection"]
+    assert len(pre["scores"]["probes"]) == CLASSES and "patch_scan" in pre["scores"]

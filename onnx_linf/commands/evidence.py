@@ -7,8 +7,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..decide.flag import Flagged, by_outliers, by_ratio, clean_scores, differential_scores
-from ..decide.probes import ProbeCheck, probe_checks, probes_reason
+from ..decide.probes import ProbeCheck, candidate_scores, probe_checks, probes_reason
 from ..decide.synthesis.oracle import read_pool
 from ..decide.synthesis.synthesize import synthesize
 from ..errors import UsageError
@@ -96,8 +98,9 @@ PROBE_POOL = 512
 
 
 def run_probe_checks(model: Model, source: DataSource, preprocess: Preprocess, config: ProbeConfig,
-                     provider: str) -> tuple[tuple[ProbeCheck, ...], dict]:
-    """Run the probe families on calibration images: their checks and a report section."""
+                     provider: str) -> tuple[tuple[ProbeCheck, ...], dict, np.ndarray]:
+    """Run the probe families on calibration images: their checks, a report section, and every
+    class's candidate score (`decide.probes.candidate_scores`) for the patch search's pre-selection."""
     pool = read_pool(source, max(PROBE_POOL, config.images))
     run = run_probes(model, preprocess, pool, config, provider)
     checks = probe_checks(run)
@@ -105,7 +108,7 @@ def run_probe_checks(model: Model, source: DataSource, preprocess: Preprocess, c
                "clean_queries": run.clean_queries,
                "queries": run.clean_queries + sum(c.queries for c in checks), "seconds": round(run.seconds, 3),
                "seed": config.seed}
-    return checks, section
+    return checks, section, candidate_scores(run)
 
 
 def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, preprocess: Preprocess,
@@ -118,10 +121,13 @@ def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, prepr
     """
     if evidence.synthesize is None or evidence.synthesis is not None:
         return evidence
-    checks, section = None, None
+    checks, section, scores = None, None, None
     if evidence.probes is not None:
-        checks, section = run_probe_checks(model, source, preprocess, evidence.probes, provider)
-    result = synthesize(model, source, preprocess, evidence.synthesize, provider=provider, progress=progress)
+        checks, section, probe_scores = run_probe_checks(model, source, preprocess, evidence.probes, provider)
+        # On a many-class model, classes the probes suspect are searched whatever the patch scan says.
+        scores = {"probes": probe_scores}
+    result = synthesize(model, source, preprocess, evidence.synthesize, provider=provider, progress=progress,
+                        class_scores=scores)
     trigger = result.trigger(result.suspected[0]).as_trigger() if result.suspected else None
     return dataclasses.replace(evidence, trigger=trigger, synthesis=result, probe_checks=checks,
                                probe_report=section)
