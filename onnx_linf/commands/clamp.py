@@ -107,8 +107,11 @@ class ClampConfig:
     """Cross-fitting folds of ``auto``."""
     rule: str = "softmax"
     """Cost ``auto`` bounds: ``softmax`` (estimated accuracy drop) or ``change`` (changed top-1)."""
-    slack: float = 0.01
-    """``auto`` picks the lowest strength whose held-out cost is at most the cost at 100 plus this."""
+    slack: float = 0.005
+    """``auto`` picks the lowest strength whose held-out cost is at most the cost at 100 plus this
+    (the score gate shares it). 0.005 (half a point): with the gate, 0.01 bought little on the
+    benchmark models (VGG SIG 4.9% ASR at q 99.5 against 2.3% at q 100 with 0.005) and cost clean
+    models up to 1 point."""
     score_output: bool = False
     """Add the per-image anomaly score output ``onnx_linf_score`` to the clamped model."""
     gate: float | str | None = DEFAULT_GATE
