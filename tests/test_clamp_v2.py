@@ -165,6 +165,9 @@ def test_auto_clamp_scales_each_score_part_by_its_held_out_percentile(model_file
     deployed = create_session(model, result.proto, "cpu").run([SCORE_OUTPUT], x)[0]
     assert deployed.shape == (40,) and (deployed > 1.0).mean() > 0.5  # 3x brighter images leave the clean range
     assert score["threshold_1pct"] is not None and score["threshold_1pct"] >= 0
+    dist = score["held_out_distribution"]
+    assert dist["images"] == 40 and dist["p50"] <= dist["p90"] <= dist["p99"] <= dist["max"]
+    assert dist["p99"] == pytest.approx(score["threshold_1pct"])
 
 
 def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):

@@ -354,6 +354,17 @@ GATE_RULE = ("the strongest strength, from the chosen one up to q 100, at which 
              "cost stays within the strength's budget (the cost at q 100 plus the slack); no gate when none does")
 
 
+def _distribution(scores: tuple[float, ...]) -> dict | None:
+    """Quantiles of the held-out calibration scores (what a deployment compares its own scores to)."""
+    values = np.asarray(scores, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    q = np.quantile(values, [0.5, 0.9, 0.99, 0.999], method="inverted_cdf")
+    return {"images": int(len(values)), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+            "p99.9": float(q[3]), "max": float(values.max())}
+
+
 def _quantile_gate(gate) -> bool:
     return isinstance(gate, (int, float)) and not isinstance(gate, bool)
 
@@ -376,4 +387,5 @@ def _score_section(row: StrengthRow | None, records: list) -> dict:
                                                f"(cross-fit), at least {SCORE_SCALE_FLOOR}",
             "parts": parts,
             "threshold_1pct": None if row is None else row.score_p99,
+            "held_out_distribution": None if row is None else _distribution(row.held_out_scores),
             "threshold_source": None if row is None else "99th percentile of held-out calibration scores (cross-fit)"}
