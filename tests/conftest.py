@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnx_linf.measure.session import Session
+
 import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,3 +37,17 @@ def pixels_file(tmp_path):
         np.save(path, x)
         return path
     return make
+
+
+@pytest.fixture
+def session_images(monkeypatch):
+    """Count every image that reaches ONNX Runtime through any `Session` (a list of batch sizes)."""
+    seen: list[int] = []
+    run = Session.run
+
+    def counting(self, outputs, tensor, batch_level=()):
+        seen.append(int(tensor.shape[0]))
+        return run(self, outputs, tensor, batch_level)
+
+    monkeypatch.setattr(Session, "run", counting)
+    return seen

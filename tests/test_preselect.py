@@ -18,7 +18,6 @@ from onnx_linf.decide.synthesis.synthesize import synthesize
 from onnx_linf.decide.synthesis.verdict import anomaly_index
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.preprocess import Preprocess
-from onnx_linf.measure.session import Session
 from onnx_linf.measure.sources import ArraySource
 from onnx_linf.model.load import load_model
 
@@ -115,16 +114,9 @@ def test_no_preselection_when_the_model_has_few_classes_or_classes_are_given(man
     assert wide.preselection is None and len(wide.triggers) == CLASSES and not wide.not_examined
 
 
-def test_query_budget_still_bounds_and_names_the_classes_it_cut(many, monkeypatch):
+def test_query_budget_still_bounds_and_names_the_classes_it_cut(many, session_images):
     model, source, preprocess, _ = many
-    seen = []
-    run = Session.run
-
-    def counting(self, outputs, tensor, batch_level=()):
-        seen.append(int(tensor.shape[0]))
-        return run(self, outputs, tensor, batch_level)
-
-    monkeypatch.setattr(Session, "run", counting)
+    seen = session_images
     budget = 6000
     result = synthesize(model, source, preprocess, SynthConfig(max_queries=budget, **FAST), provider="cpu")
     assert sum(seen) == result.queries <= budget
