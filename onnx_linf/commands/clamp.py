@@ -16,7 +16,7 @@ from ..decide.strength import (
     StrengthRow,
     choose,
     exceeded,
-    score_threshold,
+    gate_threshold,
     validate_grid,
     within_budget,
 )
@@ -334,7 +334,7 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
     reference = next(r for r in rows if r.quantile == 100.0)
     tried = []
     for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
-        threshold = score_threshold(row, config.gate_alarm, kind="mean")
+        threshold = gate_threshold(row, config.gate_alarm)
         if not np.isfinite(threshold):
             break
         gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,

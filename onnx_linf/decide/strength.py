@@ -103,10 +103,10 @@ def held_out_row(quantile: float, probabilities: np.ndarray, original: np.ndarra
                        tuple(float(v) for v in scales), tuple(float(v) for v in scores), mean_scores)
 
 
-def score_threshold(row: StrengthRow, alarm: float, kind: str = "all") -> float:
-    """The score (``all`` parts, or the ``mean`` parts the gate reads) above which a share `alarm`
-    of the held-out clean images of `row` lie."""
-    scores = np.asarray(row.held_out_scores if kind == "all" else row.held_out_mean_scores, dtype=np.float64)
+def gate_threshold(row: StrengthRow, alarm: float) -> float:
+    """The channel-mean score (what the score gate reads) above which a share `alarm` of the
+    held-out clean images of `row` lie; NaN without held-out channel-mean scores."""
+    scores = np.asarray(row.held_out_mean_scores, dtype=np.float64)
     scores = scores[np.isfinite(scores)]
     if not len(scores):
         return float("nan")

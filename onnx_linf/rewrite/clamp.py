@@ -370,7 +370,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
 
 
 def _score_outputs(graph: gs.Graph, names: Names, opset: int, parts: list[gs.Variable],
-                   scales: Sequence[float] | None, with_parts: bool) -> list[gs.Variable]:
+                   scales: Sequence[float] | None, parts_output: bool) -> list[gs.Variable]:
     """``max_k(part_k / scale_k)`` as the float32 ``[N]`` output `SCORE_OUTPUT` (and the ``[N, P]`` parts)."""
     if not parts:
         raise RewriteError("the score output needs at least one bounded map")
@@ -385,7 +385,7 @@ def _score_outputs(graph: gs.Graph, names: Names, opset: int, parts: list[gs.Var
         return out
 
     column = gs.Constant(names.fresh(f"{PREFIX}/score/column"), np.array([-1, 1], dtype=np.int64))
-    stacked_out = gs.Variable(SCORE_PARTS_OUTPUT, dtype=np.float32, shape=["N", len(parts)]) if with_parts else None
+    stacked_out = gs.Variable(SCORE_PARTS_OUTPUT, dtype=np.float32, shape=["N", len(parts)]) if parts_output else None
     stacked = node("Concat", [node("Reshape", [p, column]) for p in parts], stacked_out, axis=1)
     if scales is not None and not (scales == 1.0).all():
         inv = gs.Constant(names.fresh(f"{PREFIX}/score/inv_scale"), (1.0 / scales).astype(np.float32).reshape(1, -1))
@@ -396,4 +396,4 @@ def _score_outputs(graph: gs.Graph, names: Names, opset: int, parts: list[gs.Var
         node("ReduceMax", [stacked, axes], out, keepdims=0)
     else:
         node("ReduceMax", [stacked], out, keepdims=0, axes=[1])
-    return [out, stacked_out] if with_parts else [out]
+    return [out, stacked_out] if parts_output else [out]
