@@ -9,6 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_linf.measure.preprocess import Preprocess
+from onnx_linf.measure.sources import ArraySource
+from onnx_linf.model.load import load_model
+
 
 class GraphBuilder:
     """A tiny helper around onnx.helper that names tensors and seeds weights."""
@@ -334,3 +338,34 @@ def qlinear_cnn(opset: int = 17) -> onnx.ModelProto:
                 pads=[1, 1, 1, 1], kernel_shape=[3, 3])
     y = g.node("DequantizeLinear", [yq, "y.s", "y.z"], "out_dq")
     return g.model(["N", 3, 8, 8], y, ["N", 4, 8, 8], opset=opset)
+
+
+def patch_classifier(fc: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """input[N,1,8,8] -> Conv(2x2, 2 channels) -> Relu -> Flatten -> Gemm(fc, bias) -> logits[N,K].
+
+    Channel 0 is the 2x2 mean filter, channel 1 copies the top-left pixel of each window; `fc` is
+    ``[K, 2, 7, 7]`` over those maps, so a test plants a patch trigger by weighting channel 0 at one
+    window and spreads clean images over the other classes with channel 1.
+    """
+    g = GraphBuilder(11)
+    w = np.zeros((2, 1, 2, 2))
+    w[0] = 0.25
+    w[1, 0, 0, 0] = 1.0
+    conv = g.node("Conv", ["input", g.const("conv.w", w), g.const("conv.b", np.zeros(2))], "conv",
+                  kernel_shape=[2, 2])
+    relu = g.node("Relu", [conv], "relu")
+    flat = g.node("Flatten", [relu], "flatten", axis=1)
+    k = fc.shape[0]
+    out = g.node("Gemm", [flat, g.const("fc.w", fc.reshape(k, -1)), g.const("fc.b", np.asarray(bias, float))], "fc",
+                 transB=1)
+    return g.model(["N", 1, 8, 8], out, ["N", k])
+
+
+def grey_calibration(model_path, tmp_path, images: int = 96, seed: int = 0):
+    """Dark 8x8 grayscale calibration pixels (values below 128) saved next to a model built here:
+    (model, ArraySource, Preprocess, path of the .npy)."""
+    model = load_model(model_path)
+    path = tmp_path / "calib.npy"
+    np.save(path, np.random.default_rng(seed).integers(0, 128, (images, 8, 8, 1), dtype=np.uint8))
+    preprocess = Preprocess.from_model(model)
+    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess, path

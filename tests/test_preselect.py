@@ -17,9 +17,6 @@ from onnx_linf.decide.synthesis.results import SynthConfig
 from onnx_linf.decide.synthesis.synthesize import synthesize
 from onnx_linf.decide.synthesis.verdict import anomaly_index
 from onnx_linf.errors import UsageError
-from onnx_linf.measure.preprocess import Preprocess
-from onnx_linf.measure.sources import ArraySource
-from onnx_linf.model.load import load_model
 
 import models
 
@@ -37,14 +34,6 @@ def many_class_model():
     fixed random half of the pixels (seeded), so clean images spread over them, never reach class 13,
     and reaching one of them takes brightening many pixels.
     """
-    g = models.GraphBuilder(11)
-    w = np.zeros((2, 1, 2, 2))
-    w[0] = 0.25
-    w[1, 0, 0, 0] = 1.0
-    conv = g.node("Conv", ["input", g.const("conv.w", w), g.const("conv.b", np.zeros(2))], "conv",
-                  kernel_shape=[2, 2])
-    relu = g.node("Relu", [conv], "relu")
-    flat = g.node("Flatten", [relu], "flatten", axis=1)
     fc = np.zeros((CLASSES, 2, 7, 7))
     rng = np.random.default_rng(5)
     fc[:, 1] = (rng.random((CLASSES, 7, 7)) < 0.5) / 25.0 + rng.normal(0.0, 0.01, (CLASSES, 7, 7))
@@ -52,18 +41,12 @@ def many_class_model():
     fc[TARGET, 0, 5, 5] = 20.0
     bias = np.zeros(CLASSES)
     bias[TARGET] = -15.0
-    out = g.node("Gemm", [flat, g.const("fc.w", fc.reshape(CLASSES, -1)), g.const("fc.b", bias)], "fc", transB=1)
-    return g.model(["N", 1, 8, 8], out, ["N", CLASSES])
+    return models.patch_classifier(fc, bias)
 
 
 @pytest.fixture
 def many(model_file, tmp_path):
-    model = load_model(model_file(many_class_model(), "many.onnx"))
-    pixels = np.random.default_rng(0).integers(0, 128, (96, 8, 8, 1), dtype=np.uint8)
-    path = tmp_path / "calib.npy"
-    np.save(path, pixels)
-    preprocess = Preprocess.from_model(model)
-    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess, path
+    return models.grey_calibration(model_file(many_class_model(), "many.onnx"), tmp_path)
 
 
 def test_preselection_picks_the_planted_target_and_reports_the_rest(many):

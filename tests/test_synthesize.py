@@ -38,31 +38,16 @@ def planted_model():
     1 are the mean of the left and right halves of the image, so clean images (pixels below 0.5) go
     to class 0 or 1 and never to class 2.
     """
-    g = models.GraphBuilder(11)
-    w = np.zeros((2, 1, 2, 2))
-    w[0] = 0.25
-    w[1, 0, 0, 0] = 1.0
-    conv = g.node("Conv", ["input", g.const("conv.w", w), g.const("conv.b", np.zeros(2))], "conv",
-                  kernel_shape=[2, 2])
-    relu = g.node("Relu", [conv], "relu")
-    flat = g.node("Flatten", [relu], "flatten", axis=1)
     fc = np.zeros((3, 2, 7, 7))
     fc[0, 1, :, :4] = 1.0 / 28
     fc[1, 1, :, 4:] = 1.0 / 21
     fc[2, 0, 5, 5] = 20.0
-    bias = np.array([0.0, 0.0, -15.0])
-    out = g.node("Gemm", [flat, g.const("fc.w", fc.reshape(3, -1)), g.const("fc.b", bias)], "fc", transB=1)
-    return g.model(["N", 1, 8, 8], out, ["N", 3])
+    return models.patch_classifier(fc, np.array([0.0, 0.0, -15.0]))
 
 
 @pytest.fixture
 def planted(model_file, tmp_path):
-    model = load_model(model_file(planted_model(), "planted.onnx"))
-    pixels = np.random.default_rng(0).integers(0, 128, (96, 8, 8, 1), dtype=np.uint8)
-    path = tmp_path / "calib.npy"
-    np.save(path, pixels)
-    preprocess = Preprocess.from_model(model)
-    return model, ArraySource(path, preprocess.size, preprocess.channels), preprocess, path
+    return models.grey_calibration(model_file(planted_model(), "planted.onnx"), tmp_path)
 
 
 def test_anomaly_index_on_hand_made_norms():
