@@ -1,5 +1,6 @@
-"""What the score gate costs a deployment: plain inference of the original model, the default clamp
-without the gate (``--gate off``) and with it, on one CIFAR-10 benchmark model.
+"""What the score gate and the fold cost a deployment: plain inference of the original model, the
+default clamp (fold, gate on), the same with ``--excess clip`` and with ``--gate off``, on one
+CIFAR-10 benchmark model.
 
 Ratios in one process, sessions run alternately round by round (order reversed every other round),
 medians over rounds of original time / variant time: 1.00 = as fast as the original.
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     case = cases[0]
     protos = {"original": case.model.proto}
-    for label, gate in (("clamp, --gate off", None), ("clamp (default, gate on)", "mean")):
-        protos[label] = clamp(case.model, case.calib, ClampConfig(provider="cpu", gate=gate),
+    for label, options in (("clamp, --gate off", {"gate": None}), ("clamp, --excess clip", {"excess": "clip"}),
+                           ("clamp (default: fold, gate on)", {})):
+        protos[label] = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options),
                               preprocess=case.preprocess).proto
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads

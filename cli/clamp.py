@@ -40,6 +40,10 @@ def clamp_command(
     quantile: Annotated[float, typer.Option(help="Bound = this percentile of clean values (100 = max: the "
                                             "clamp is then the identity on the calibration images).")] = 100.0,
     margin: Annotated[float, typer.Option(help="Widen each bound by margin * |bound| (headroom).")] = 0.0,
+    excess: Annotated[str, typer.Option(help="A value above its position bound: fold (reflected at the bound, "
+                                        "2*bound - value, floored), clip (kept at the bound), or auto: fold at "
+                                        "--quantile 100, clip below.")]
+    = ClampConfig.excess,
     bounds: Annotated[str, typer.Option(help="Bounds to apply, comma-separated: position (the l-inf clamp) "
                                         "and/or channel-mean (per-image channel means, for triggers spread "
                                         "over the whole image).")] = "position,channel-mean",
@@ -96,7 +100,7 @@ def clamp_command(
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
         config = ClampConfig(layers=o.parse_layers(layers), granularity=granularity, quantile=quantile,
-                             margin=margin, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
+                             margin=margin, excess=excess, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
                              min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,
@@ -138,7 +142,8 @@ def bounds_table(report: ClampReport) -> Table:
     """One row per bounded map."""
     cfg = report.config
     table = Table(title=f"{len(report.maps)} maps bounded: {cfg['granularity']} granularity, "
-                        f"quantile {cfg['quantile']:g}, margin {cfg['margin']:g}", title_justify="left")
+                        f"quantile {cfg['quantile']:g}, margin {cfg['margin']:g}, excess {cfg.get('excess', 'clip')}",
+                  title_justify="left")
     for col in ("map", "granularity", "bounds", "two-sided", "mean τ", "max τ", "channel means", "acts on"):
         table.add_column(col)
     fmt = lambda v, f=".3g": "" if v is None else format(v, f)  # noqa: E731

@@ -30,7 +30,7 @@ def identity_model(tmp_path, opset: int) -> Model:
     return load_model(tmp_path / "identity.onnx")
 
 
-def reference(a, mean_hi, power, eps, positive, hi, lo):
+def reference(a, mean_hi, power, eps, positive, hi, lo, response="clip"):
     """numpy form of the rewrite (float64), and the per-image score."""
     a = a.astype(np.float64)
     src = np.maximum(a, 0) if positive else a
@@ -46,6 +46,8 @@ def reference(a, mean_hi, power, eps, positive, hi, lo):
     if lo is not None:
         size = np.maximum(size, np.abs(lo).reshape(C, -1).max(axis=1))
     pos_score = (excess / np.maximum(size, 1e-3).reshape(1, C, 1, 1)).reshape(len(a), -1).max(axis=1)
+    if response == "fold":  # reflected at hi, floored at lo (0 for a one-sided bound)
+        out = np.maximum(np.where(out > hi, 2 * hi - out, out), 0.0 if lo is None else lo)
     out = np.minimum(out, hi)
     if lo is not None:
         out = np.maximum(out, lo)
@@ -55,7 +57,8 @@ def reference(a, mean_hi, power, eps, positive, hi, lo):
 @pytest.mark.parametrize("opset", [13, 18])
 @pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 1.5, 6.0, 7.0])
 @pytest.mark.parametrize("positive,two_sided", [(False, False), (True, True)])
-def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_sided):
+@pytest.mark.parametrize("excess", ["clip", "fold"])
+def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_sided, excess):
     rng = np.random.default_rng(int(power * 10) + opset)
     a = rng.normal(0.5, 1.0, (7, C, H, W)).astype(np.float32)
     if not positive:
@@ -69,14 +72,15 @@ def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_si
     model = identity_model(tmp_path, opset)
     bound = ClampBound(hi=hi, lo=lo, mean=MeanBound(mean_hi, power=power, eps=eps, positive=positive))
     scales = (0.5, 4.0)
-    proto, records = clamp_maps(model, {"a": bound}, score_output=True, score_parts=True, score_scales=scales)
+    proto, records = clamp_maps(model, {"a": bound}, score_output=True, score_parts=True, score_scales=scales,
+                                excess=excess)
     onnx.checker.check_model(proto, full_check=True)
     assert [o.name for o in proto.graph.output] == ["output", SCORE_OUTPUT, SCORE_PARTS_OUTPUT]
     assert records[0].mean_bound and records[0].two_sided == two_sided
     assert records[0].score_parts == ("mean", "position")
     got, score, parts = create_session(model, proto, "cpu").run(None, a)
-    want, want_parts = reference(a, mean_hi, power, eps, positive, hi, lo)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    want, want_parts = reference(a, mean_hi, power, eps, positive, hi, lo, excess)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
     assert score.shape == (7,) and score.dtype == np.float32 and parts.shape == (7, 2)
     np.testing.assert_allclose(parts, want_parts, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(score, (want_parts / np.array(scales)).max(axis=1), rtol=1e-4, atol=1e-6)
@@ -217,3 +221,23 @@ def test_score_gate_tightens_only_the_flagged_images(tmp_path, opset):
     np.testing.assert_array_equal(create_session(model, p2, "cpu").run(None, a)[0], out1)
     with pytest.raises(RewriteError, match="gate threshold"):
         clamp_maps(model, {"a": gated}, gate_threshold=float("nan"))
+
+
+def test_fold_reflects_values_above_the_bound_and_leaves_the_rest_bitwise(tmp_path):
+    """excess='fold': a value above hi comes out as 2 hi - value (floored at 0 for a one-sided bound,
+    at lo for a two-sided one); every value at or below hi is returned bit for bit; clip keeps hi."""
+    model = identity_model(tmp_path, 17)
+    hi = np.full((C, H, W), 2.0, np.float32)
+    a = np.abs(np.random.default_rng(5).normal(0, 1, (3, C, H, W))).astype(np.float32)
+    a[0, 0, 0, :4] = [2.0, 2.5, 3.5, 10.0]  # at the bound, a little above, 1.75x, far above
+    folded = create_session(model, clamp_maps(model, {"a": ClampBound(hi=hi)}, excess="fold")[0], "cpu").run(None, a)[0]
+    clipped = create_session(model, clamp_maps(model, {"a": ClampBound(hi=hi)})[0], "cpu").run(None, a)[0]
+    np.testing.assert_array_equal(folded[0, 0, 0, :4], np.array([2.0, 1.5, 0.5, 0.0], np.float32))
+    np.testing.assert_array_equal(clipped[0, 0, 0, :4], np.array([2.0, 2.0, 2.0, 2.0], np.float32))
+    inside = a <= hi
+    np.testing.assert_array_equal(folded[inside], a[inside])
+    lo = np.full((C, H, W), -1.0, np.float32)
+    two = create_session(model, clamp_maps(model, {"a": ClampBound(hi=hi, lo=lo)}, excess="fold")[0], "cpu")
+    np.testing.assert_array_equal(two.run(None, a)[0][0, 0, 0, :4], np.array([2.0, 1.5, 0.5, -1.0], np.float32))
+    with pytest.raises(RewriteError, match="excess must be one of clip, fold"):
+        clamp_maps(model, {"a": ClampBound(hi=hi)}, excess="reflect")

@@ -32,7 +32,7 @@ from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ClampMapReport, ClampReport, ModelInfo
 from ..report.visuals import Visuals
-from ..rewrite.clamp import SCORE_OUTPUT, ClampBound, clamp_maps
+from ..rewrite.clamp import EXCESS_KINDS, SCORE_OUTPUT, ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
 from .common import (
@@ -62,6 +62,11 @@ DEFAULT_POWER = 6.0
 #: Score gate defaults (see `ClampConfig.gate`).
 DEFAULT_GATE = "mean"
 DEFAULT_GATE_ALARM = 0.003
+#: What the position clamp does to a value above its bound (README, "Fold instead of clip"):
+#: ``auto`` folds at ``--quantile 100``, where a value above the bound is above everything clean
+#: images produced, and clips below it, where the bound sits inside the clean range and folding
+#: would mangle ordinary values (q 50 on a small CNN: 63% of predictions changed).
+DEFAULT_EXCESS = "auto"
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ class ClampConfig:
     """Bound = this quantile (percent) of clean values; 100 = the maximum (identity on calibration data)."""
     margin: float = 0.0
     """Widen every bound by ``margin * |bound|``."""
+    excess: str = DEFAULT_EXCESS
+    """A value above its position bound: ``fold`` (reflected at the bound, ``2 hi - a``, floored),
+    ``clip`` (kept at the bound, the plain ℓ∞ clamp; see `rewrite.clamp.EXCESS_KINDS`) or ``auto``
+    (fold at `quantile` 100, clip below)."""
     batch_size: int = 32
     """Images per ORT run."""
     provider: str = "auto"
@@ -131,6 +140,8 @@ class ClampConfig:
             raise UsageError(f"the gate's false-alarm share must be in (0, 0.5), got {self.gate_alarm}")
         if self.margin < 0:
             raise UsageError(f"--margin must be >= 0, got {self.margin}")
+        if self.excess not in ("auto",) + EXCESS_KINDS:
+            raise UsageError(f"--excess must be auto, {' or '.join(EXCESS_KINDS)}, got {self.excess!r}")
         unknown = [b for b in self.bounds if b not in BOUND_KINDS]
         if unknown or not self.bounds:
             raise UsageError(f"--bounds takes {' and/or '.join(BOUND_KINDS)}, got {','.join(self.bounds) or 'nothing'}")
@@ -144,6 +155,13 @@ class ClampConfig:
             raise UsageError(f"--strength auto needs at least 2 folds, got {self.folds}")
         validate_grid(self.strength_grid)
         choose([StrengthRow(100.0, 0.0, 0.0, 0.0)], self.rule, self.slack)  # rule and slack
+
+    @property
+    def excess_kind(self) -> str:
+        """`excess` with ``auto`` resolved: ``fold`` at quantile 100, else ``clip``."""
+        if self.excess != "auto":
+            return self.excess
+        return "fold" if self.quantile == 100.0 else "clip"
 
     @property
     def mean_bounds(self) -> bool:
@@ -227,7 +245,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if auto:
         rows = cross_fit(editable, plans, folds, source, preprocess, config.batch_size, grid,
                          position_quantile=config.quantile, margin=config.margin, power=config.power,
-                         provider=config.provider, progress=progress,
+                         provider=config.provider, progress=progress, excess=config.excess_kind,
                          stop=lambda done: exceeded(done, config.rule, config.slack))
         choice = choose(rows, config.rule, config.slack)
         chosen = choice.quantile
@@ -254,7 +272,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if gate is not None:
         final = with_gate(final, plans, stats, len(source), config.gate)
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
-                                gate_threshold=gate)
+                                gate_threshold=gate, excess=config.excess_kind)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
     # Where every bound is a maximum over the calibration images, the clamp is the identity on
@@ -277,6 +295,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         calibration=calibration_section(source, config.batch_size, engine=engine if not config.mean_bounds else None),
         config={"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
                 "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k,
+                "excess": config.excess_kind,
                 "bounds": list(config.bounds), "mean_layers": config.mean_layers},
         maps=[_map_report(p, final.get(p.tap.name), scaled.get(p.tap.name)) for p in plans],
         notes=notes,
@@ -339,7 +358,8 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
             break
         gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
                                threshold, position_quantile=config.quantile, margin=config.margin,
-                               power=config.power, provider=config.provider, progress=progress)
+                               power=config.power, provider=config.provider, progress=progress,
+                               excess=config.excess_kind)
         tried.append(dict(_candidate(gated), threshold=threshold))
         if within_budget(gated, reference, config.rule, config.slack):
             return row.quantile, threshold, {

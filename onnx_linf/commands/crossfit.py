@@ -85,7 +85,7 @@ def image_topk(grid: Sequence[float], images: int) -> int:
 def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource, preprocess: Preprocess,
               batch_size: int, grid: Sequence[float], *, position_quantile: float, margin: float, power: float,
               provider: str = "auto", progress: Progress | None = None,
-              stop: Callable[[list[StrengthRow]], bool] | None = None) -> list[StrengthRow]:
+              stop: Callable[[list[StrengthRow]], bool] | None = None, excess: str = "clip") -> list[StrengthRow]:
     """Held-out cost of the candidate strengths, strongest last.
 
     For each candidate, each fold's images run through the model bounded by the other folds'
@@ -98,8 +98,8 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
         def fold_bounds(f: int, q: float = q) -> dict[str, ClampBound]:
             return bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=q,
                              position_quantile=position_quantile, margin=margin, power=power)
-        rows.append(_held_out(model, folds, source, preprocess, batch_size, q, fold_bounds, {}, provider, progress,
-                              f"cross-fit q={q:g}"))
+        rows.append(_held_out(model, folds, source, preprocess, batch_size, q, fold_bounds, {"excess": excess},
+                              provider, progress, f"cross-fit q={q:g}"))
         if stop is not None and stop(rows):
             break
     return rows
@@ -108,7 +108,7 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
 def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource,
                    preprocess: Preprocess, batch_size: int, row: StrengthRow, gate_quantile: float | str,
                    threshold: float, *, position_quantile: float, margin: float, power: float,
-                   provider: str = "auto", progress: Progress | None = None) -> StrengthRow:
+                   provider: str = "auto", progress: Progress | None = None, excess: str = "clip") -> StrengthRow:
     """Held-out cost of the strength of `row` with the score gate added (`with_gate`): what the gate
     costs on clean images, measured like the strength itself (its threshold and part scales are
     the ones `row` fitted on all held-out folds)."""
@@ -118,7 +118,8 @@ def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, sou
                            margin=margin, power=power)
         return with_gate(bounds, plans, merged, images, gate_quantile)
     gated = _held_out(model, folds, source, preprocess, batch_size, row.quantile, fold_bounds,
-                      {"score_scales": row.score_scales or None, "gate_threshold": threshold}, provider, progress,
+                      {"score_scales": row.score_scales or None, "gate_threshold": threshold, "excess": excess},
+                      provider, progress,
                       f"cross-fit gate {gate_quantile}")
     return dataclasses.replace(gated, score_p99=row.score_p99, score_scales=row.score_scales,
                                held_out_scores=row.held_out_scores, held_out_mean_scores=row.held_out_mean_scores)

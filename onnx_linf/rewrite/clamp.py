@@ -6,7 +6,12 @@ Per map ``a`` ``[N, C, H, W]`` (each part optional):
   ``s = Min(Max(B, eps) / Max(mu, eps), 1)``, ``a' = a * s^p``: an image whose channel mean exceeds
   what clean images produce (``B``, per channel) gets that channel scaled down, by more than the
   excess ratio for ``p > 1``. Where ``mu <= B`` the factor is exactly 1 and ``a * 1 == a``;
-* position clamp: ``Min(a', hi)`` and ``Max(., lo)`` with per-position or per-channel bounds;
+* position clamp: ``Min(a', hi)`` and ``Max(., lo)`` with per-position or per-channel bounds; with
+  ``excess="fold"`` a value above ``hi`` is reflected at it instead, ``Min(a', 2 hi - a')``, and
+  floored (at ``lo``, or at 0 for a one-sided bound, which the commands build only for non-negative
+  maps): the further a value went beyond anything clean images produce, the less of it is kept,
+  where the plain clamp keeps it at the clean maximum. Values at or below ``hi`` are untouched
+  either way (``2 hi - a >= a`` in float arithmetic too, rounding being monotone);
 * optionally a per-image anomaly score, the graph output ``onnx_linf_score``: the largest of the
   score *parts*, each divided by its scale. A map has up to two parts: the largest ``log(mu / B)``
   over its channels (the channel-mean part, which sees full-image triggers) and its largest
@@ -40,6 +45,9 @@ SCORE_OUTPUT = "onnx_linf_score"
 #: Name of the ``[N, P]`` output of the unscaled score parts (``clamp_maps(score_parts=True)``), in
 #: the order of `ClampRecord.score_parts` over the records.
 SCORE_PARTS_OUTPUT = "onnx_linf_score_parts"
+#: What happens to a value above its position bound: ``clip`` (kept at the bound, the ℓ∞ clamp) or
+#: ``fold`` (reflected at the bound, ``2 hi - a``, and floored).
+EXCESS_KINDS = ("clip", "fold")
 #: What the score can read on images inside every bound: 0 up to float rounding, because ORT may
 #: fuse the rewritten graph differently from the one the bounds were measured with (a map then
 #: comes out an ulp or so above the maximum it was measured at: relative excess ~1e-7).
@@ -233,7 +241,8 @@ def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | 
 
 def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: bool = False,
                score_parts: bool = False, score_scales: Sequence[float] | None = None,
-               gate_threshold: float | None = None) -> tuple[onnx.ModelProto, list[ClampRecord]]:
+               gate_threshold: float | None = None, excess: str = "clip",
+               ) -> tuple[onnx.ModelProto, list[ClampRecord]]:
     """Insert the channel-mean bound and ``Min(a, hi)`` (``Max(., lo)`` too) right after each tap.
 
     The bounded tensor keeps the tap's name, so every consumer of the tap, and a graph output
@@ -257,6 +266,10 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             running score (largest scaled channel-mean part of the maps so far, this map's
             included) exceeds it get the gate's tighter channel-mean factor. Images below it are
             untouched, so the score of every image the gate leaves alone is what it was without it.
+        excess: `EXCESS_KINDS`: ``clip`` keeps a value above ``hi`` at ``hi``; ``fold`` reflects it,
+            ``2 hi - a``, floored at ``lo`` or, for a one-sided bound, at 0 (a one-sided bound is
+            then a statement that the map is non-negative, as it is for every one-sided bound the
+            commands build). The lower bound clips either way.
 
     Returns:
         The rewritten model and one `ClampRecord` per tap, in the order of `bounds`.
@@ -266,6 +279,8 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             a bad channel-mean bound, or an opset older than 8 (no broadcasting Min/Max).
     """
     check_rewritable(model)
+    if excess not in EXCESS_KINDS:
+        raise RewriteError(f"excess must be one of {', '.join(EXCESS_KINDS)}, got {excess!r}")
     if model.opset and model.opset < 8:
         raise RewriteError(f"clamping needs opset >= 8 (broadcasting Min/Max); the model has opset {model.opset}")
     source = model.proto
@@ -350,10 +365,17 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
                 if with_parts:  # the position part is built only for the score output (full-size nodes)
                     parts.append("position")
                     add_part(n, _position_score(n, x, hi, lo, hi_c, lo_c) if score_output else None, dtype)
-                if lo is None:
+                top = hi_c
+                if excess == "fold":
+                    with np.errstate(over="ignore"):  # 2 hi is exact in the map's dtype, or inf: no bound
+                        twice = hi * hi.dtype.type(2)
+                    top = n("Sub", [n.const("clamp_fold", twice), x], "fold")
+                if lo is None and excess == "fold":
+                    n("Relu", [n("Min", [x, top], "folded")], "floor", out=out)
+                elif lo is None:
                     n("Min", [x, hi_c], "min", out=out)
                 else:
-                    n("Max", [n("Min", [x, hi_c], "below_hi"), lo_c], "max", out=out)
+                    n("Max", [n("Min", [x, top], "below_hi"), lo_c], "max", out=out)
             kinds[tap] = tuple(parts)
             return n.nodes
 
