@@ -154,6 +154,7 @@ CLAMP_SETTINGS = (
     ("clamp", "position, q=100, all maps (no trigger)", dict(bounds=("position",))),
     ("clamp v2", "fixed q=99, p=2", dict(strength=99.0, power=2.0)),
     ("clamp v2", "fixed q=99, p=6", dict(strength=99.0)),
+    ("clamp v2", "auto + gate, --excess clip (the previous default)", dict(excess="clip")),
     ("clamp v2", "**auto (default)**", dict(score_output=True)),
 )
 
@@ -193,7 +194,7 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
     from onnx_linf.commands.clamp import ClampConfig, clamp
 
     rows = []
-    for defence, label, options in CLAMP_SETTINGS[-1:] if default_only else CLAMP_SETTINGS:
+    for defence, label, options in CLAMP_SETTINGS[-2:] if default_only else CLAMP_SETTINGS:
         t0 = time.perf_counter()
         result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
         seconds = time.perf_counter() - t0
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         "quantile x layers grid")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
     parser.add_argument("--clamp-default-only", action="store_true", help="of the clamp settings, only the "
-                        "default (auto strength, with the score)")
+                        "default (auto strength, with the score) and the same with --excess clip")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())

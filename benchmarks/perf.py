@@ -375,8 +375,10 @@ def throughput(name: str, path: Path, spec: Spec, batch: int, rounds: int, detai
     variants.append((Row("whole activations + numpy", n, ",".join(ALL_NORMS)), run))
     run, n = _clamped_runner(path, batches, bounds=("position",))
     variants.append((Row("clamped model (position, q=100), plain inference", n, "-"), run))
+    run, n = _clamped_runner(path, batches, excess="clip")
+    variants.append((Row("clamped model (position + channel-mean, --excess clip), plain inference", n, "-"), run))
     run, n = _clamped_runner(path, batches)
-    variants.append((Row("clamped model (position + channel-mean, default), plain inference", n, "-"), run))
+    variants.append((Row("clamped model (position + channel-mean, default: fold), plain inference", n, "-"), run))
     run, n = _clamped_runner(path, batches, blocked=True)
     variants.append((Row("the same, blocked CPU artefact (`rewrite.blocked_artifact`)", n, "-"), run))
     for _, run in variants:  # warm-up: first runs allocate

@@ -59,8 +59,9 @@ def clamp_command(
                                       "their channel means bounded at this percentile of clean ones (or 'mean': "
                                       "their average) from that map on; 'off' for none. Needs --strength auto.")]
     = _gate_default(),
-    gate_alarm: Annotated[float, typer.Option(help="--gate: the share of held-out clean calibration images "
-                                              "allowed above the gate threshold.")] = ClampConfig.gate_alarm,
+    gate_alarm: Annotated[float, typer.Option(help="--gate: the largest share of new clean images allowed "
+                                              "above the gate threshold (held with 95% confidence: a tolerance "
+                                              "bound on the held-out calibration scores).")] = ClampConfig.gate_alarm,
     score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
                                                "[N]: a per-image anomaly score from the same forward pass.")]
     = False,

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from onnx_linf.cli.app import app
 from onnx_linf.commands.clamp import ClampConfig, clamp
-from onnx_linf.decide.strength import SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, part_scales
+from onnx_linf.decide.strength import (
+    SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, gate_threshold, part_scales, tolerance_rank)
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.calibrate import model_tensor
 from onnx_linf.measure.folds import FoldedSource, measure_folds
@@ -151,6 +152,27 @@ def test_part_scales_are_floored_99th_percentiles_and_the_score_their_largest_ra
     assert scores[7] == pytest.approx(max(0.2 / SCORE_SCALE_FLOOR, *(parts[7, [0, 2]] / scales[[0, 2]])))
 
 
+def test_gate_threshold_is_a_tolerance_bound_on_the_held_out_scores():
+    """The k-th largest of n held-out scores: P(alarm rate on new images > alarm) <= 5%, whatever the
+    distribution (checked by simulation on a heavy-tailed one), and the largest when n is small."""
+    assert tolerance_rank(1000, 0.003) == (1, pytest.approx(1 - 0.997 ** 1000))
+    assert tolerance_rank(500, 0.003)[0] == 1 and tolerance_rank(500, 0.003)[1] < 0.8  # too few: reported
+    k, reached = tolerance_rank(5000, 0.003)
+    assert k == 9 and reached >= 0.95
+    rng = np.random.default_rng(0)
+    misses = 0
+    for _ in range(400):  # Pareto tail: the true exceedance of the k-th largest is 1 - F(x) = x^-a
+        scores = rng.pareto(1.5, 5000) + 1
+        row = StrengthRow(100.0, 0.0, 0.0, 0.0, held_out_mean_scores=tuple(scores))
+        threshold, confidence = gate_threshold(row, 0.003)
+        assert threshold == np.sort(scores)[-9] and confidence == reached
+        misses += threshold ** -1.5 > 0.003
+    assert misses / 400 <= 0.05 + 0.03  # 95% confidence, within Monte Carlo noise
+    assert np.isnan(gate_threshold(StrengthRow(100.0, 0.0, 0.0, 0.0), 0.003)[0])
+    with pytest.raises(ValueError):
+        tolerance_rank(0, 0.003)
+
+
 def test_auto_clamp_scales_each_score_part_by_its_held_out_percentile(model_file, pixels_file):
     path = model_file(models.resnet_block())
     calib = pixels_file(40, 8, 8, 3)
@@ -181,6 +203,7 @@ def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
     assert gate["tried"][0]["quantile"] == gate["strength_without_gate"]
     if gate["kept"]:  # deployed at the strength where the gated rewrite fitted the budget
         assert gate["tried"][-1]["quantile"] == a.report.strength["quantile"] and gate["threshold"] >= 0
+        assert gate["confidence"] == pytest.approx(1 - 0.997 ** 40)  # 40 held-out images: the largest score
     assert a.report.strength["forwards"] == 40 * (1 + len(a.report.strength["candidates"]) + len(gate["tried"]))
     has_gate_nodes = any("gate_hit" in o for n in a.proto.graph.node for o in n.output)
     assert has_gate_nodes == gate["kept"]

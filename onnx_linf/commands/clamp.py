@@ -128,7 +128,8 @@ class ClampConfig:
     parts over the maps so far) passes the gate threshold get their channel means bounded at this
     quantile (percent) of clean ones, or at their average (``"mean"``), from that map on; None: no gate."""
     gate_alarm: float = DEFAULT_GATE_ALARM
-    """Gate threshold: the channel-mean score that this share of held-out clean calibration images exceeds."""
+    """Gate threshold: at most this share of new clean images may score above it, with 95% confidence
+    (`decide.strength.gate_threshold`: a distribution-free tolerance bound on the held-out scores)."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -353,7 +354,7 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
     reference = next(r for r in rows if r.quantile == 100.0)
     tried = []
     for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
-        threshold = gate_threshold(row, config.gate_alarm)
+        threshold, confidence = gate_threshold(row, config.gate_alarm)
         if not np.isfinite(threshold):
             break
         gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
@@ -363,8 +364,9 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
         tried.append(dict(_candidate(gated), threshold=threshold))
         if within_budget(gated, reference, config.rule, config.slack):
             return row.quantile, threshold, {
-                "quantile": config.gate, "alarm": config.gate_alarm, "threshold": threshold, "kept": True,
-                "strength_without_gate": chosen, "tried": tried, "rule": GATE_RULE}
+                "quantile": config.gate, "alarm": config.gate_alarm, "threshold": threshold,
+                "confidence": confidence, "kept": True, "strength_without_gate": chosen, "tried": tried,
+                "rule": GATE_RULE}
     return chosen, None, {"quantile": config.gate, "alarm": config.gate_alarm, "threshold": None, "kept": False,
                           "strength_without_gate": chosen, "tried": tried, "rule": GATE_RULE,
                           "reason": "with the gate, no strength kept the held-out cost within the budget"}

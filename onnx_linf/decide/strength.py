@@ -103,14 +103,50 @@ def held_out_row(quantile: float, probabilities: np.ndarray, original: np.ndarra
                        tuple(float(v) for v in scales), tuple(float(v) for v in scores), mean_scores)
 
 
-def gate_threshold(row: StrengthRow, alarm: float) -> float:
-    """The channel-mean score (what the score gate reads) above which a share `alarm` of the
-    held-out clean images of `row` lie; NaN without held-out channel-mean scores."""
+#: Confidence with which the score gate's threshold keeps the alarm rate on new clean images at or
+#: below `ClampConfig.gate_alarm` (`gate_threshold`).
+GATE_CONFIDENCE = 0.95
+
+
+def tolerance_rank(images: int, alarm: float, confidence: float = GATE_CONFIDENCE) -> tuple[int, float]:
+    """Which largest held-out score to put the gate threshold at, and the confidence it gives.
+
+    With the threshold at the k-th largest of n held-out clean scores, the share p of new clean
+    images above it satisfies P(p > alarm) = P(Binomial(n, alarm) <= k - 1), whatever the score's
+    distribution (a one-sided distribution-free tolerance bound). Returns the largest k whose
+    probability is at most ``1 - confidence``, and the confidence reached; when even the largest
+    score (k = 1) falls short (too few images: n = 1000 at alarm 0.003 reaches 0.95, n = 500 only
+    0.78), k = 1 with the lower confidence.
+    """
+    if images < 1 or not 0 < alarm < 1:
+        raise ValueError(f"need images >= 1 and 0 < alarm < 1, got {images} and {alarm}")
+    pmf = (1.0 - alarm) ** images  # P(Binomial = 0)
+    cdf, k = pmf, 1
+    while k < images:
+        pmf *= (images - (k - 1)) / k * alarm / (1.0 - alarm)  # P(Binomial = k)
+        if cdf + pmf > 1.0 - confidence:
+            break
+        cdf += pmf
+        k += 1
+    return k, 1.0 - cdf
+
+
+def gate_threshold(row: StrengthRow, alarm: float, confidence: float = GATE_CONFIDENCE) -> tuple[float, float]:
+    """The channel-mean score (what the score gate reads) to gate above, and its confidence: the
+    `tolerance_rank`-th largest held-out clean score of `row`, so that at most a share `alarm` of
+    new clean images exceed it with probability `confidence`. NaN without held-out scores.
+
+    Why not the held-out ``1 - alarm`` quantile: from 1,000 images the 99.7th percentile is the
+    third largest score, and the tail it sits in moves between calibration sets. Measured on a
+    clean CIFAR VGG: that threshold let the gate fire on 1.2% of test images (4x the nominal 0.3%),
+    and a gated clean image nearly always changes class (36 of 36; 0.9 pt of accuracy lost).
+    """
     scores = np.asarray(row.held_out_mean_scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
+    scores = np.sort(scores[np.isfinite(scores)])
     if not len(scores):
-        return float("nan")
-    return float(np.quantile(scores, 1.0 - alarm, method="inverted_cdf"))
+        return float("nan"), float("nan")
+    k, reached = tolerance_rank(len(scores), alarm, confidence)
+    return float(scores[-k]), reached
 
 
 def _cost(rule: str):
