@@ -154,7 +154,7 @@ CLAMP_SETTINGS = (
     ("clamp", "position, q=100, all maps (no trigger)", dict(bounds=("position",))),
     ("clamp v2", "fixed q=99, p=2", dict(strength=99.0, power=2.0)),
     ("clamp v2", "fixed q=99, p=6", dict(strength=99.0)),
-    ("clamp v2", "auto + gate, --excess clip (the previous default)", dict(excess="clip")),
+    ("clamp v2", "auto + gate, --excess clip", dict(excess="clip")),
     ("clamp v2", "**auto (default)**", dict(score_output=True)),
 )
 

@@ -1,6 +1,7 @@
 """What the score gate and the fold cost a deployment: plain inference of the original model, the
-default clamp (fold, gate on), the same with ``--excess clip`` and with ``--gate off``, on one
-CIFAR-10 benchmark model.
+default clamp (fold, gate on), the same with ``--excess clip`` and with ``--gate off``, and the
+blocked CPU artefact (`rewrite.blocked.blocked_artifact`) of the default and of ``--excess clip``,
+on one CIFAR-10 benchmark model.
 
 Ratios in one process, sessions run alternately round by round (order reversed every other round),
 medians over rounds of original time / variant time: 1.00 = as fast as the original.
@@ -20,6 +21,7 @@ import onnxruntime as ort
 
 import efficacy
 from onnx_linf.commands.clamp import ClampConfig, clamp
+from onnx_linf.rewrite.blocked import blocked_artifact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                            ("clamp (default: fold, gate on)", {})):
         protos[label] = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options),
                               preprocess=case.preprocess).proto
+    check = [{case.model.proto.graph.input[0].name:
+              np.random.default_rng(1).normal(0, 1, (4, 3, 32, 32)).astype(np.float32)}]
+    protos["--excess clip, blocked artefact"] = blocked_artifact(protos["clamp, --excess clip"], check=check).proto
+    protos["default, blocked artefact"] = blocked_artifact(protos["clamp (default: fold, gate on)"], check=check).proto
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     sessions = {k: ort.InferenceSession(p.SerializeToString(), options, providers=["CPUExecutionProvider"])
