@@ -7,6 +7,8 @@ Graph under test (the map is the model input passed through an op, so any values
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -241,3 +243,35 @@ def test_fold_reflects_values_above_the_bound_and_leaves_the_rest_bitwise(tmp_pa
     np.testing.assert_array_equal(two.run(None, a)[0][0, 0, 0, :4], np.array([2.0, 1.5, 0.5, -1.0], np.float32))
     with pytest.raises(RewriteError, match="excess must be one of clip, fold"):
         clamp_maps(model, {"a": ClampBound(hi=hi)}, excess="reflect")
+
+
+def test_gate_sums_the_scaled_mean_parts_over_the_maps_so_far(tmp_path):
+    """The gate's evidence at a map is the sum of the scaled channel-mean parts of that map and the
+    earlier ones: an image moderately above its bounds at two maps is flagged at the second (and
+    only there), one above at one map only is not, one far above at the first is flagged at both."""
+    nodes = [helper.make_node("Split", ["input"], ["a", "b"], name="split", axis=1, num_outputs=2),
+             helper.make_node("Concat", ["a", "b"], ["output"], name="join", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2 * C, H, W])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2 * C, H, W])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path / "two.onnx")
+    model = load_model(tmp_path / "two.onnx")
+    base = np.ones((4, 2 * C, H, W), np.float32)
+    mean_hi = np.ones(C, np.float32)
+    scale, threshold = 0.5, 1.0  # a part of 0.3 scores 0.6: below the threshold alone, above it twice
+    up = np.float32(np.exp(0.3))
+    x = base.copy()
+    x[0, 0], x[0, C] = up, up   # 0.6 + 0.6: flagged at b only
+    x[1, 0] = up                # 0.6 at a, nothing at b: never flagged
+    x[2, 0] = np.float32(np.exp(0.6))  # 1.2 at a: flagged at a (and so at b)
+    bound = ClampBound(hi=None, mean=MeanBound(mean_hi, power=1.0, eps=1e-3, gate_hi=mean_hi * 0.5))
+    proto, _ = clamp_maps(model, {"a": bound, "b": bound}, score_scales=(scale, scale), gate_threshold=threshold)
+    out = create_session(model, proto, "cpu").run(None, x)[0]
+    plain, _ = clamp_maps(model, {"a": dataclasses.replace(bound, mean=dataclasses.replace(bound.mean, gate_hi=None)),
+                                  "b": dataclasses.replace(bound, mean=dataclasses.replace(bound.mean, gate_hi=None))})
+    ref = create_session(model, plain, "cpu").run(None, x)[0]
+    gated_a = ~np.isclose(out[:, :C], ref[:, :C]).all(axis=(1, 2, 3))
+    gated_b = ~np.isclose(out[:, C:], ref[:, C:]).all(axis=(1, 2, 3))
+    assert gated_a.tolist() == [False, False, True, False]
+    assert gated_b.tolist() == [True, False, True, False]
+    np.testing.assert_array_equal(out[[1, 3]], ref[[1, 3]])
+    np.testing.assert_allclose(out[0, C + 1], 0.5, rtol=1e-6)  # gated at b: every channel pulled to 0.5

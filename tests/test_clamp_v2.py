@@ -203,7 +203,7 @@ def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
     assert gate["tried"][0]["quantile"] == gate["strength_without_gate"]
     if gate["kept"]:  # deployed at the strength where the gated rewrite fitted the budget
         assert gate["tried"][-1]["quantile"] == a.report.strength["quantile"] and gate["threshold"] >= 0
-        assert gate["confidence"] == pytest.approx(1 - 0.997 ** 40)  # 40 held-out images: the largest score
+        assert gate["confidence"] == pytest.approx(1 - 0.995 ** 40)  # 40 held-out images: the largest score
     assert a.report.strength["forwards"] == 40 * (1 + len(a.report.strength["candidates"]) + len(gate["tried"]))
     has_gate_nodes = any("gate_hit" in o for n in a.proto.graph.node for o in n.output)
     assert has_gate_nodes == gate["kept"]
@@ -257,7 +257,7 @@ def test_cli_gate_on_by_default_and_off_on_request(fixtures_dir, tmp_path):
             "--json", "-", "-q"]
     on = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx")]).stdout)
     off = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "b.onnx"), "--gate", "off"]).stdout)
-    assert on["strength"]["gate"]["quantile"] == "mean" and on["strength"]["gate"]["alarm"] == 0.003
+    assert on["strength"]["gate"]["quantile"] == "mean" and on["strength"]["gate"]["alarm"] == 0.005
     assert "gate" not in off["strength"]
     assert on["strength"]["forwards"] > off["strength"]["forwards"]  # the gate's held-out pass(es)
 

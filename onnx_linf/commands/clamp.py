@@ -61,7 +61,11 @@ BOUND_KINDS = ("position", "channel-mean")
 DEFAULT_POWER = 6.0
 #: Score gate defaults (see `ClampConfig.gate`).
 DEFAULT_GATE = "mean"
-DEFAULT_GATE_ALARM = 0.003
+#: At most 0.5% of clean images gated, with 95% confidence (`decide.strength.gate_threshold`: from
+#: 1,000 calibration images, the second largest held-out score). Chosen on vgg_clean, vgg_sig and
+#: resnet_sig (README, "Clamp"): 0.3% (the largest score) left VGG SIG at 9.9% ASR, 0.7% and
+#: 1% cost the clean VGG 0.3 and 0.8 pt.
+DEFAULT_GATE_ALARM = 0.005
 #: What the position clamp does to a value above its bound (README, "Fold instead of clip"):
 #: ``auto`` folds at ``--quantile 100``, where a value above the bound is above everything clean
 #: images produced, and clips below it, where the bound sits inside the clean range and folding

@@ -50,7 +50,8 @@ class StrengthRow:
     held_out_scores: tuple[float, ...] = field(default=(), repr=False)
     """Every held-out image's score (for thresholds at other false-alarm rates); not reported."""
     held_out_mean_scores: tuple[float, ...] = field(default=(), repr=False)
-    """The same over the channel-mean parts only (what the score gate reads); not reported."""
+    """Per held-out image, the sum of its scaled channel-mean parts over the maps (the evidence the
+    score gate reads); not reported."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def held_out_row(quantile: float, probabilities: np.ndarray, original: np.ndarra
     mean_scores = ()
     if mean_parts is not None and np.any(mean_parts):
         scaled = np.asarray(parts, dtype=np.float64).reshape(len(parts), -1)[:, mean_parts] / scales[mean_parts]
-        mean_scores = tuple(float(v) for v in scaled.max(axis=1, initial=0.0))
+        mean_scores = tuple(float(v) for v in scaled.sum(axis=1))
     finite = scores[np.isfinite(scores)]
     p99 = float(np.quantile(finite, 0.99, method="inverted_cdf")) if len(finite) else float("nan")
     return StrengthRow(quantile, float((new != original).mean()), float(drop.mean()), p99,

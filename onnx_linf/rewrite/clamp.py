@@ -160,15 +160,16 @@ class _Nodes:
 
 
 def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
-                      out: gs.Variable | None = None, gate: tuple[float, gs.Variable | None] | None = None,
+                      out: gs.Variable | None = None,
+                      gate: tuple[float, float, gs.Variable | None] | None = None,
                       ) -> tuple[gs.Variable, gs.Variable | None, gs.Variable | None]:
     """``raw * min(max(B, eps) / max(mu, eps), 1)^p``; when asked, the per-image mean part
-    ``max_c relu(log(mu / B))`` (``[N, 1, 1, 1]``); with `gate`, the gate's running flag.
+    ``max_c relu(log(mu / B))`` (``[N, 1, 1, 1]``); with `gate`, the gate's running evidence.
 
-    `gate` is ``(limit, flag so far)``: an image is flagged here when its smallest factor
-    ``min_c B / max(mu, B)`` is below `limit` (its mean part above the gate threshold) or when an
-    earlier map flagged it; a flagged image's bound is `MeanBound.gate_hi`. ``Where`` picks ``B``
-    for the others, whose factor is then computed from the same values: bit for bit unchanged.
+    `gate` is ``(threshold, scale, evidence so far)``: the evidence is the sum of the scaled mean
+    parts (part / scale) of this and the earlier maps, and an image is flagged here when it is above
+    `threshold`; a flagged image's bound is `MeanBound.gate_hi`. ``Where`` picks ``B`` for the
+    others, whose factor is then computed from the same values: bit for bit unchanged.
     """
     hi = np.asarray(mb.hi, dtype=np.float64).reshape(-1)
     if hi.shape != (channels,) or not np.isfinite(hi).all() or (hi < 0).any():
@@ -192,15 +193,17 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
         g_hi = np.asarray(mb.gate_hi, dtype=np.float64).reshape(-1)
         if g_hi.shape != (channels,) or not np.isfinite(g_hi).all() or (g_hi < 0).any():
             raise RewriteError(f"gate bound of '{n.tap}' must be {channels} finite values >= 0")
-        limit, before = gate
-        flag = n("Less", [smallest, n.const("gate_limit", limit)], "gate_hit", dtype=np.bool_)
+        threshold, scale, before = gate
+        # part / scale = -log(min factor) / scale: one Log and one Mul on [N, 1, 1, 1].
+        evidence = n("Mul", [n("Log", [smallest], "gate_log"), n.const("gate_scale", -1.0 / scale)], "gate_part")
         if before is not None:
-            flag = n("Or", [before, flag], "gate_flag", dtype=np.bool_)
+            evidence = n("Add", [before, evidence], "gate_evidence")
+        flag = n("Greater", [evidence, n.const("gate_threshold", threshold)], "gate_hit", dtype=np.bool_)
         g_num = n.const("gate_hi", np.maximum(np.minimum(g_hi, hi), mb.eps).reshape(1, channels, 1, 1))
         bound = n("Where", [flag, g_num, num], "gated_bound")
         factor = n("Div", [bound, n("Max", [mu, bound], "gated_floor")], "gated_factor")
     scaled = n("Mul", [raw, _power(n, factor, float(mb.power))], "mean_scaled", out=out)
-    return scaled, mean_score, flag
+    return scaled, mean_score, evidence if gated else None
 
 
 #: Integer powers up to this are products (repeated squaring), higher or fractional ones `Pow`.
@@ -263,8 +266,8 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             `score_output`; what a caller measures the scales from).
         score_scales: one positive scale per part (`ClampRecord.score_parts` order); None: all 1.
         gate_threshold: the score gate: at each map with a `MeanBound.gate_hi`, images whose
-            running score (largest scaled channel-mean part of the maps so far, this map's
-            included) exceeds it get the gate's tighter channel-mean factor. Images below it are
+            running evidence (the sum of the scaled channel-mean parts of the maps so far, this
+            map's included) exceeds it get the gate's tighter channel-mean factor. Images below it are
             untouched, so the score of every image the gate leaves alone is what it was without it.
         excess: `EXCESS_KINDS`: ``clip`` keeps a value above ``hi`` at ``hi``; ``fold`` reflects it,
             ``2 hi - a``, floored at ``lo`` or, for a one-sided bound, at 0 (a one-sided bound is
@@ -299,7 +302,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
     # Parts are counted with the gate too: its per-map limits use the parts' scales.
     with_parts = score_output or gate_threshold is not None
     scales = None if score_scales is None else np.asarray(score_scales, dtype=np.float64).reshape(-1)
-    flags: list[gs.Variable] = []  # the gate's running flag, bool [N, 1, 1, 1]
+    flags: list[gs.Variable] = []  # the gate's running evidence, float [N, 1, 1, 1]
 
     counted = [0]  # parts so far, built or not (the gate alone builds no position parts)
 
@@ -309,14 +312,14 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
                                                              to=onnx.TensorProto.FLOAT))
 
-    def gate_of(j: int) -> tuple[float, gs.Variable | None]:
-        """The gate at a map whose mean part is part `j`: a factor below exp(-threshold * scale_j)
-        is a mean part above the threshold. Only channel-mean parts gate: a patch, which only the
+    def gate_of(j: int) -> tuple[float, float, gs.Variable | None]:
+        """The gate at a map whose mean part is part `j`: the threshold, the part's scale and the
+        evidence of the earlier maps. Only channel-mean parts gate: a patch, which only the
         position parts see, is the position clamp's job (gating it let a patch backdoor back)."""
         if scales is not None and j >= len(scales):
             raise RewriteError(f"the score needs a scale for every part, got {len(scales)}")
         scale = 1.0 if scales is None else float(scales[j])
-        return float(np.exp(-gate_threshold * scale)), flags[-1] if flags else None
+        return float(gate_threshold), scale, flags[-1] if flags else None
     for taken in (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_output else ():
         if taken in names.taken:
             raise RewriteError(f"the model already has a tensor named '{taken}'")
