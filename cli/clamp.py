@@ -181,9 +181,11 @@ def gate_line(gate: dict) -> str:
     last = gate["tried"][-1]
     weaker = (f"; strength raised from {gate['strength_without_gate']:g} to fit the budget"
               if last["quantile"] != gate["strength_without_gate"] else "")
-    return (f"score gate [bold]on[/]: images scoring above {gate['threshold']:.3g} ({100 * gate['alarm']:g}% of "
-            f"held-out clean images) get channel means bounded at {bound} (held-out est. drop "
-            f"{100 * last['estimated_drop']:.2f} pt{weaker})")
+    confidence = gate.get("confidence")
+    held = (f"at most {100 * gate['alarm']:g}% of clean images, with {100 * confidence:.0f}% confidence"
+            if confidence is not None else f"{100 * gate['alarm']:g}% of held-out clean images")
+    return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} ({held}) "
+            f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})")
 
 
 def parse_strength(value: str) -> float | str:
