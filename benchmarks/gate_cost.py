@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import efficacy
 import numpy as np
 import onnxruntime as ort
 
-import efficacy
 from onnx_linf.commands.clamp import ClampConfig, clamp
 from onnx_linf.rewrite.blocked import blocked_artifact
 

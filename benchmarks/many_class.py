@@ -97,9 +97,8 @@ def data() -> dict:
 
 def build(args: argparse.Namespace) -> None:
     import torch
-    from torch import nn
-
     from _torch_onnx import check_parity, export_classifier, open_session, run_logits
+    from torch import nn
 
     torch.set_num_threads(args.threads)
 
@@ -174,7 +173,8 @@ def build(args: argparse.Namespace) -> None:
                 "clean_accuracy": round(float((pred == y_test).mean()), 4),
                 "asr": round(float((asr_pred == target).mean()), 4),
                 "attack": {"kind": "badnets" if poison else None, "target": target if poison else None,
-                           "poison_rate": POISON_RATE if poison else 0.0, "poisoned_copies": len(chosen) if poison else 0},
+                           "poison_rate": POISON_RATE if poison else 0.0,
+                           "poisoned_copies": len(chosen) if poison else 0},
                 "train_pairs": N_TRAIN, "epochs": EPOCHS, "seed": SEED, "export": export,
                 "train_seconds": round(time.time() - t0, 1)}
         (CACHE / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")

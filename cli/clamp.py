@@ -101,7 +101,8 @@ def clamp_command(
             raise UsageError("--eval-data needs --trigger/--mask and --target to measure the ASR")
         pp = o.preprocess_options(size, layout, channels, scale, mean, std)
         config = ClampConfig(layers=o.parse_layers(layers), granularity=granularity, quantile=quantile,
-                             margin=margin, excess=excess, batch_size=batch_size, provider=provider, limit=limit, preprocess=pp,
+                             margin=margin, excess=excess, batch_size=batch_size, provider=provider, limit=limit,
+                             preprocess=pp,
                              min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,

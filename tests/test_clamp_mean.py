@@ -251,9 +251,10 @@ def test_gate_sums_the_scaled_mean_parts_over_the_maps_so_far(tmp_path):
     only there), one above at one map only is not, one far above at the first is flagged at both."""
     nodes = [helper.make_node("Split", ["input"], ["a", "b"], name="split", axis=1, num_outputs=2),
              helper.make_node("Concat", ["a", "b"], ["output"], name="join", axis=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2 * C, H, W])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2 * C, H, W])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path / "two.onnx")
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2 * C, H, W]) for name in ("input", "output")]
+    graph = helper.make_graph(nodes, "g", io[:1], io[1:])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.save(proto, tmp_path / "two.onnx")
     model = load_model(tmp_path / "two.onnx")
     base = np.ones((4, 2 * C, H, W), np.float32)
     mean_hi = np.ones(C, np.float32)

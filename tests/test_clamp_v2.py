@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 from onnx_linf.cli.app import app
 from onnx_linf.commands.clamp import ClampConfig, clamp
 from onnx_linf.decide.strength import (
-    SCORE_SCALE_FLOOR, StrengthRow, choose, exceeded, gate_threshold, part_scales, tolerance_rank)
+    SCORE_SCALE_FLOOR,
+    StrengthRow,
+    choose,
+    exceeded,
+    gate_threshold,
+    part_scales,
+    tolerance_rank,
+)
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.calibrate import model_tensor
 from onnx_linf.measure.folds import FoldedSource, measure_folds

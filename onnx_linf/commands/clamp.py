@@ -128,8 +128,8 @@ class ClampConfig:
     score_output: bool = False
     """Add the per-image anomaly score output ``onnx_linf_score`` to the clamped model."""
     gate: float | str | None = DEFAULT_GATE
-    """Score gate (needs ``auto``): images whose running channel-mean score (the score's channel-mean
-    parts over the maps so far) passes the gate threshold get their channel means bounded at this
+    """Score gate (needs ``auto``): images whose running channel-mean evidence (the sum of the score's
+    scaled channel-mean parts over the maps so far) passes the gate threshold get their channel means bounded at this
     quantile (percent) of clean ones, or at their average (``"mean"``), from that map on; None: no gate."""
     gate_alarm: float = DEFAULT_GATE_ALARM
     """Gate threshold: at most this share of new clean images may score above it, with 95% confidence

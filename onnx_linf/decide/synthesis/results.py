@@ -205,7 +205,8 @@ class Preselection:
         """``candidate (patch_scan 1, clean_logp 40)``-style summary of one class's selection."""
         if target is None:
             return "-"
-        role = "candidate" if target in self.candidates else "reference" if target in self.references else "not examined"
+        role = ("candidate" if target in self.candidates
+                else "reference" if target in self.references else "not examined")
         ranks = ", ".join(f"{s} {self.rank(s, target)}" for s in self.scores)
         return f"{role} ({ranks})"
 

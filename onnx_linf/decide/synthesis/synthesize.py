@@ -20,8 +20,15 @@ from ...model.taps import find_taps
 from ..flag import differential_scores, top_k
 from .oracle import EVAL_CHUNK, Oracle, OutOfBudget, PixelSource, read_pool, static_classes
 from .patches import patch_cost, patch_scan, patch_scan_cost, patch_search
-from .preselect import (applies, baseline_weights, clean_logp_scores, external_scores, log_softmax, patch_scan_scores,
-                        preselect)
+from .preselect import (
+    applies,
+    baseline_weights,
+    clean_logp_scores,
+    external_scores,
+    log_softmax,
+    patch_scan_scores,
+    preselect,
+)
 from .results import ClassTrigger, SynthConfig, SynthResult
 from .search import PRUNE_STEPS, SEARCH_MARGIN, Plan, pruned, search, validate
 from .space import Space, patch_sizes
