@@ -281,3 +281,18 @@ def test_too_few_images_to_cross_fit_bound_at_their_maximum(model_file, pixels_f
     assert result.report.strength == {"mode": "fixed", "quantile": 100.0, "power": 6.0}
     assert any("too few to cross-fit" in n for n in result.report.notes)
     assert result.report.verification["ok"] and result.report.calibration_agreement == 1.0
+
+
+def test_cli_excess_folds_at_q100_clips_below_and_refuses_unknown_values(fixtures_dir, tmp_path):
+    args = ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib", str(fixtures_dir / "digits_calib"),
+            "--json", "-", "-q", "--bounds", "position"]
+    default = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx")]).stdout)
+    lower = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "b.onnx"), "--quantile", "99"]).stdout)
+    forced = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "c.onnx"), "--quantile", "99",
+                                                   "--excess", "fold"]).stdout)
+    assert (default["config"]["excess"], lower["config"]["excess"], forced["config"]["excess"]) == ("fold", "clip",
+                                                                                                     "fold")
+    ops = [n.op_type for n in onnx.load(tmp_path / "a.onnx").graph.node]
+    assert ops.count("Sub") == ops.count("Min") == 3  # one fold per map (digits: 3 maps)
+    bad = runner.invoke(app, args + ["-o", str(tmp_path / "d.onnx"), "--excess", "reflect"])
+    assert bad.exit_code == 2 and "--excess must be" in bad.output and not (tmp_path / "d.onnx").exists()
