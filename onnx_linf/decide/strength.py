@@ -138,7 +138,7 @@ def gate_threshold(row: StrengthRow, alarm: float, confidence: float = GATE_CONF
     new clean images exceed it with probability `confidence`. NaN without held-out scores.
 
     Why not the held-out ``1 - alarm`` quantile: from 1,000 images the 99.7th percentile is the
-    third largest score, and the tail it sits in moves between calibration sets. Measured on a
+    fourth largest score, and the tail it sits in moves between calibration sets. Measured on a
     clean CIFAR VGG: that threshold let the gate fire on 1.2% of test images (4x the nominal 0.3%),
     and a gated clean image nearly always changes class (36 of 36; 0.9 pt of accuracy lost).
     """

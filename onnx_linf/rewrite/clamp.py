@@ -183,19 +183,20 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
     # at or below B' divides B' by itself, exactly 1; above it max(mu, eps) is mu), in two nodes.
     num = n.const("mean_hi", np.maximum(hi, mb.eps).reshape(1, channels, 1, 1))
     factor = n("Div", [num, n("Max", [mu, num], "mean_floor")], "mean_factor")
-    mean_score = flag = smallest = None
+    mean_score = evidence = log_min = None
     if score or gated:
-        smallest = n.reduce(factor, "ReduceMin", [1, 2, 3], "mean_factor_min", keepdims=1)
-    if score:
         # max_c relu(log(max(mu, eps) / max(B, eps))) = -log(min_c factor): every factor is <= 1.
-        mean_score = n("Neg", [n("Log", [smallest], "log_factor_min")], "mean_score")
+        smallest = n.reduce(factor, "ReduceMin", [1, 2, 3], "mean_factor_min", keepdims=1)
+        log_min = n("Log", [smallest], "log_factor_min")
+    if score:
+        mean_score = n("Neg", [log_min], "mean_score")
     if gated:
         g_hi = np.asarray(mb.gate_hi, dtype=np.float64).reshape(-1)
         if g_hi.shape != (channels,) or not np.isfinite(g_hi).all() or (g_hi < 0).any():
             raise RewriteError(f"gate bound of '{n.tap}' must be {channels} finite values >= 0")
         threshold, scale, before = gate
-        # part / scale = -log(min factor) / scale: one Log and one Mul on [N, 1, 1, 1].
-        evidence = n("Mul", [n("Log", [smallest], "gate_log"), n.const("gate_scale", -1.0 / scale)], "gate_part")
+        # part / scale = -log(min factor) / scale: one Mul on [N, 1, 1, 1].
+        evidence = n("Mul", [log_min, n.const("gate_scale", -1.0 / scale)], "gate_part")
         if before is not None:
             evidence = n("Add", [before, evidence], "gate_evidence")
         flag = n("Greater", [evidence, n.const("gate_threshold", threshold)], "gate_hit", dtype=np.bool_)
@@ -203,7 +204,7 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
         bound = n("Where", [flag, g_num, num], "gated_bound")
         factor = n("Div", [bound, n("Max", [mu, bound], "gated_floor")], "gated_factor")
     scaled = n("Mul", [raw, _power(n, factor, float(mb.power))], "mean_scaled", out=out)
-    return scaled, mean_score, evidence if gated else None
+    return scaled, mean_score, evidence
 
 
 #: Integer powers up to this are products (repeated squaring), higher or fractional ones `Pow`.
@@ -302,7 +303,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
     # Parts are counted with the gate too: its per-map limits use the parts' scales.
     with_parts = score_output or gate_threshold is not None
     scales = None if score_scales is None else np.asarray(score_scales, dtype=np.float64).reshape(-1)
-    flags: list[gs.Variable] = []  # the gate's running evidence, float [N, 1, 1, 1]
+    evidence: list[gs.Variable] = []  # the gate's running evidence, float [N, 1, 1, 1]
 
     counted = [0]  # parts so far, built or not (the gate alone builds no position parts)
 
@@ -319,7 +320,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
         if scales is not None and j >= len(scales):
             raise RewriteError(f"the score needs a scale for every part, got {len(scales)}")
         scale = 1.0 if scales is None else float(scales[j])
-        return float(gate_threshold), scale, flags[-1] if flags else None
+        return float(gate_threshold), scale, evidence[-1] if evidence else None
     for taken in (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_output else ():
         if taken in names.taken:
             raise RewriteError(f"the model already has a tensor named '{taken}'")
@@ -355,10 +356,10 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             if mean is not None:
                 gate = gate_of(counted[0]) if gate_threshold is not None and mean.gate_hi is not None else None
                 # Without a position clamp the scaling Mul writes the tap's own tensor.
-                x, mean_score, flag = _mean_bound_nodes(n, raw, mean, channels, score_output,
-                                                        out=out if hi is None else None, gate=gate)
-                if flag is not None:
-                    flags.append(flag)
+                x, mean_score, so_far = _mean_bound_nodes(n, raw, mean, channels, score_output,
+                                                          out=out if hi is None else None, gate=gate)
+                if so_far is not None:
+                    evidence.append(so_far)
                 if with_parts:
                     parts.append("mean")
                     add_part(n, mean_score, dtype)
@@ -373,12 +374,13 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
                     with np.errstate(over="ignore"):  # 2 hi is exact in the map's dtype, or inf: no bound
                         twice = hi * hi.dtype.type(2)
                     top = n("Sub", [n.const("clamp_fold", twice), x], "fold")
-                if lo is None and excess == "fold":
-                    n("Relu", [n("Min", [x, top], "folded")], "floor", out=out)
-                elif lo is None:
-                    n("Min", [x, hi_c], "min", out=out)
-                else:
-                    n("Max", [n("Min", [x, top], "below_hi"), lo_c], "max", out=out)
+                # The floor: lo, or 0 for a folded one-sided (non-negative) map; a clip needs none.
+                floored = lo is not None or excess == "fold"
+                below = n("Min", [x, top], "below_hi", out=None if floored else out)
+                if lo is not None:
+                    n("Max", [below, lo_c], "max", out=out)
+                elif floored:
+                    n("Relu", [below], "floor", out=out)
             kinds[tap] = tuple(parts)
             return n.nodes
 
