@@ -62,6 +62,11 @@ def clamp_command(
     gate_alarm: Annotated[float, typer.Option(help="--gate: the largest share of new clean images allowed "
                                               "above the gate threshold (held with 95% confidence: a tolerance "
                                               "bound on the held-out calibration scores).")] = ClampConfig.gate_alarm,
+    low_evidence: Annotated[bool, typer.Option("--low-evidence/--no-low-evidence",
+                                               help="The score and the gate also read how far an image's "
+                                               "channel means fall below the smallest clean ones (triggers "
+                                               "that lower activity, e.g. a blend). Evidence only.")]
+    = ClampConfig.low_evidence,
     score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
                                                "[N]: a per-image anomaly score from the same forward pass.")]
     = False,
@@ -106,7 +111,7 @@ def clamp_command(
                              min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,
-                             score_output=score_output)
+                             low_evidence=low_evidence, score_output=score_output)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -185,7 +190,11 @@ def gate_line(gate: dict) -> str:
     confidence = gate.get("confidence")
     held = (f"at most {100 * gate['alarm']:g}% of clean images, with {100 * confidence:.0f}% confidence"
             if confidence is not None else f"{100 * gate['alarm']:g}% of held-out clean images")
-    return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} ({held}) "
+    low = gate.get("low_threshold")
+    below = (f", or whose evidence below the clean minima is above {low:.3g} (the largest held-out clean value)"
+             if low is not None else "")
+    return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} "
+            f"({held}){below} "
             f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})")
 
 

@@ -89,6 +89,105 @@ def test_rewrite_equals_numpy_reference(tmp_path, opset, power, positive, two_si
     assert score[2] > 1.0  # the image that drove channel 1 scores high
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("positive", [False, True])
+def test_low_part_equals_numpy_reference_and_changes_no_value(tmp_path, opset, positive):
+    """With a low reference L the map gets a third part, max_c relu(log(max(L, eps) / max(mu, eps))),
+    between the mean part and the position part; the rewritten values are exactly those without it."""
+    rng = np.random.default_rng(opset + positive)
+    a = np.abs(rng.normal(1.0, 0.3, (6, C, H, W))).astype(np.float32)
+    if positive:
+        a -= 0.2  # a signed map: the parts read the mean of its positive part
+    a[1, 3] *= 0.1   # one channel far below its clean minimum
+    a[4] = 0.0       # every mean below eps: only channels with a live minimum give evidence
+    eps = 1e-3
+    mean_hi = np.full(C, 2.0, np.float32)
+    low = np.array([0.5, 0.0, 0.6, 0.7], np.float32)  # channel 1: minimum 0, never evidence
+    hi = np.full((C, H, W), 10.0, np.float32)
+    model = identity_model(tmp_path, opset)
+    with_low = ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=eps, positive=positive, lo=low))
+    proto, records = clamp_maps(model, {"a": with_low}, score_output=True, score_parts=True,
+                                score_scales=(1.0, 0.5, 1.0))
+    onnx.checker.check_model(proto, full_check=True)
+    assert records[0].score_parts == ("mean", "low", "position")
+    got, score, parts = create_session(model, proto, "cpu").run(None, a)
+    src = np.maximum(a, 0) if positive else a
+    mu = src.astype(np.float64).mean(axis=(2, 3))
+    want_low = np.maximum(np.log(np.maximum(low, eps) / np.maximum(mu, eps)), 0).max(axis=1)
+    want, want_parts = reference(a, mean_hi, 2.0, eps, positive, hi, None)
+    np.testing.assert_allclose(parts[:, 1], want_low, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts[:, [0, 2]], want_parts, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(score, (parts / np.array([1.0, 0.5, 1.0])).max(axis=1), rtol=1e-6)
+    assert parts[1, 1] > 1.5 and parts[4, 1] > 5.0  # the suppressed channel, the all-zero image
+    plain, _ = clamp_maps(model, {"a": ClampBound(hi=hi, mean=MeanBound(mean_hi, power=2.0, eps=eps,
+                                                                          positive=positive))})
+    np.testing.assert_array_equal(got, create_session(model, plain, "cpu").run(None, a)[0])
+    with pytest.raises(RewriteError, match="low reference"):
+        clamp_maps(model, {"a": ClampBound(hi=hi, mean=MeanBound(mean_hi, lo=np.full(C, -1.0, np.float32)))},
+                   score_output=True)
+
+
+def test_gate_reads_the_low_parts_with_their_own_threshold(tmp_path):
+    """An image whose channel means fall far below the clean minimum is flagged by the gate when it
+    has a low threshold (and the bound a low reference): the scaled low parts are summed on their
+    own, not added to the upper side's evidence."""
+    model = identity_model(tmp_path, 18)
+    a = np.ones((3, C, H, W), np.float32)
+    a[1, 0] = 0.2            # log(0.8 / 0.2) = 1.39 below channel 0's minimum
+    a[2, 0] = 0.7            # log(0.8 / 0.7) = 0.13: scaled 0.27, below the low threshold
+    mean_hi = np.full(C, 1.5, np.float32)
+    low = np.full(C, 0.8, np.float32)
+    gate_hi = np.full(C, 0.5, np.float32)
+    bound = ClampBound(hi=None, mean=MeanBound(mean_hi, power=1.0, eps=1e-3, gate_hi=gate_hi, lo=low))
+    proto, _ = clamp_maps(model, {"a": bound}, score_scales=(0.5, 0.5), gate_threshold=1.0, gate_low_threshold=1.0)
+    onnx.checker.check_model(proto, full_check=True)
+    out = create_session(model, proto, "cpu").run(None, a)[0]
+    np.testing.assert_array_equal(out[[0, 2]], a[[0, 2]])
+    np.testing.assert_allclose(out[1, 1:], 0.5, rtol=1e-6)  # gated: every channel above 0.5 pulled to it
+    # The low side above a threshold of its own only: no low threshold, or no reference, no flag.
+    proto, _ = clamp_maps(model, {"a": bound}, score_scales=(0.5, 0.5), gate_threshold=1.0)
+    np.testing.assert_array_equal(create_session(model, proto, "cpu").run(None, a)[0], a)
+    without = dataclasses.replace(bound, mean=dataclasses.replace(bound.mean, lo=None))
+    proto, _ = clamp_maps(model, {"a": without}, score_scales=(0.5,), gate_threshold=1.0, gate_low_threshold=1.0)
+    np.testing.assert_array_equal(create_session(model, proto, "cpu").run(None, a)[0], a)
+    with pytest.raises(RewriteError, match="low gate threshold needs"):
+        clamp_maps(model, {"a": bound}, gate_low_threshold=1.0)
+
+
+def test_graded_mean_part_and_gate_output(tmp_path):
+    """With a reference R below the bound B the mean part is max_c relu(log(max(mu, eps) / max(R, eps))),
+    graded where the bound alone reads 0; the scaled values do not change; `gate_output` names the
+    images the gate flagged, and they are exactly the ones whose output changed."""
+    rng = np.random.default_rng(11)
+    a = np.abs(rng.normal(1.0, 0.2, (6, C, H, W))).astype(np.float32)
+    a[2, 1] *= 1.5  # above the reference, below the bound: graded evidence only
+    a[4, 0] *= 3.0  # above both
+    eps = 1e-3
+    mu = a.astype(np.float64).mean(axis=(2, 3))
+    bound_hi = (mu.max(axis=0) * 1.01).astype(np.float32)
+    bound_hi[0] = np.float32(mu[:, 0].max() / 2)  # image 4's channel 0 passes the bound, no other image does
+    ref = np.full(C, 1.05, np.float32)
+    model = identity_model(tmp_path, 18)
+    graded = ClampBound(hi=None, mean=MeanBound(bound_hi, power=2.0, eps=eps, ref=ref, gate_hi=ref * 0.5))
+    proto, records = clamp_maps(model, {"a": graded}, score_output=True, score_parts=True)
+    got, _, parts = create_session(model, proto, "cpu").run(None, a)
+    want = np.maximum(np.log(np.maximum(mu, eps) / np.maximum(ref, eps)), 0).max(axis=1)
+    np.testing.assert_allclose(parts[:, 0], want, rtol=1e-5, atol=1e-6)
+    assert parts[2, 0] > 0.3
+    plain, _ = clamp_maps(model, {"a": ClampBound(hi=None, mean=MeanBound(bound_hi, power=2.0, eps=eps))})
+    np.testing.assert_array_equal(got, create_session(model, plain, "cpu").run(None, a)[0])
+    # The gate reads the graded part: threshold 0.3 flags images 2 and 4.
+    flagged, _ = clamp_maps(model, {"a": graded}, gate_threshold=0.3, gate_output=True)
+    out, gated = create_session(model, flagged, "cpu").run(None, a)
+    assert gated.dtype == np.bool_ and gated.tolist() == (parts[:, 0] > 0.3).tolist()
+    assert gated[[2, 4]].all()
+    ungated = create_session(model, plain, "cpu").run(None, a)[0]
+    np.testing.assert_array_equal(out[~gated], ungated[~gated])
+    assert all((out[i] != ungated[i]).any() for i in np.flatnonzero(gated))
+    with pytest.raises(RewriteError, match="gate output needs"):
+        clamp_maps(model, {"a": graded}, gate_output=True)
+
+
 def test_in_bounds_images_are_unchanged_bitwise_and_score_zero(tmp_path):
     """mu <= B everywhere: the factor is exactly 1, a * 1 == a, and the score is 0 (its floor)."""
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from ..decide.strength import (
     choose,
     exceeded,
     gate_threshold,
+    low_gate_threshold,
     validate_grid,
     within_budget,
 )
@@ -26,13 +27,14 @@ from ..measure.engine import EngineOptions
 from ..measure.folds import measure_folds
 from ..measure.preprocess import Preprocess
 from ..measure.probe import Probe
+from ..measure.session import create_session
 from ..measure.sources import DataSource
 from ..model.files import check_output_path, save_model
 from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from ..report.types import ClampMapReport, ClampReport, ModelInfo
 from ..report.visuals import Visuals
-from ..rewrite.clamp import EXCESS_KINDS, SCORE_OUTPUT, ClampBound, clamp_maps
+from ..rewrite.clamp import EXCESS_KINDS, GATED_OUTPUT, SCORE_OUTPUT, ClampBound, clamp_maps
 from ..rewrite.graph import check_rewritable
 from ..rewrite.verify import require_ok, verify_model
 from .common import (
@@ -45,7 +47,7 @@ from .common import (
     require_agreement,
     verify_inputs,
 )
-from .crossfit import MapPlan, bounds_at, cross_fit, cross_fit_gate, held_out_scaled, image_topk, with_gate
+from .crossfit import Evidence, MapPlan, bounds_at, cross_fit, cross_fit_gate, held_out_scaled, image_topk, with_gate
 from .options import PreprocessOptions
 
 #: Fewest calibration images per fold for ``--strength auto``: below it each held-out fold is too
@@ -66,6 +68,12 @@ DEFAULT_GATE = "mean"
 #: resnet_sig (README, "Clamp"): 0.3% (the largest score) left VGG SIG at 9.9% ASR, 0.7% and
 #: 1% cost the clean VGG 0.3 and 0.8 pt.
 DEFAULT_GATE_ALARM = 0.005
+#: Quantile the channel-mean evidence is graded against when the cross-fit chose a strength above it
+#: (`ClampConfig.evidence_quantile`). Against the bound at q 100 a triggered image scores only once
+#: it passes every calibration image's mean at some channel: measured on a retrained CIFAR VGG
+#: Blended, where the cross-fit chose q 100, 33% of triggered images stayed below the gate (13.4%
+#: ASR); graded against q 99, 5.4%, at the same clean cost (q 98: 13.3%, the grid's next step).
+DEFAULT_EVIDENCE_QUANTILE = 99.0
 #: What the position clamp does to a value above its bound (README, "Fold instead of clip"):
 #: ``auto`` folds at ``--quantile 100``, where a value above the bound is above everything clean
 #: images produced, and clips below it, where the bound sits inside the clean range and folding
@@ -131,6 +139,14 @@ class ClampConfig:
     """Score gate (needs ``auto``): images whose running channel-mean evidence (the sum of the score's
     scaled channel-mean parts over the maps so far) passes the gate threshold get their channel means bounded at this
     quantile (percent) of clean ones, or at their average (``"mean"``), from that map on; None: no gate."""
+    low_evidence: bool = True
+    """The score and the gate also read each channel-mean bounded map's *low* part: how far an
+    image's channel means fall below the smallest clean one (triggers that lower activity: a blend
+    scales the image by ``1 - alpha``). Evidence only; nothing is scaled up."""
+    evidence_quantile: float | None = DEFAULT_EVIDENCE_QUANTILE
+    """``auto``: where the chosen strength is above this quantile, the channel-mean score parts (and
+    the gate) are graded against this quantile of clean channel means instead of the bound (None:
+    the bound). Fixed strengths always use the bound."""
     gate_alarm: float = DEFAULT_GATE_ALARM
     """Gate threshold: at most this share of new clean images may score above it, with 95% confidence
     (`decide.strength.gate_threshold`: a distribution-free tolerance bound on the held-out scores)."""
@@ -167,6 +183,10 @@ class ClampConfig:
         if self.excess != "auto":
             return self.excess
         return "fold" if self.quantile == 100.0 else "clip"
+
+    def evidence(self, auto: bool) -> Evidence:
+        """The score parts' references: `evidence_quantile` only for a cross-fitted strength."""
+        return Evidence(low=self.low_evidence, quantile=self.evidence_quantile if auto else None)
 
     @property
     def mean_bounds(self) -> bool:
@@ -251,7 +271,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         rows = cross_fit(editable, plans, folds, source, preprocess, config.batch_size, grid,
                          position_quantile=config.quantile, margin=config.margin, power=config.power,
                          provider=config.provider, progress=progress, excess=config.excess_kind,
-                         stop=lambda done: exceeded(done, config.rule, config.slack))
+                         stop=lambda done: exceeded(done, config.rule, config.slack),
+                         evidence=config.evidence(auto))
         choice = choose(rows, config.rule, config.slack)
         chosen = choice.quantile
         strength = {"mode": "auto", "quantile": chosen, "power": config.power, "rule": config.rule,
@@ -273,18 +294,29 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     chosen_row = next((r for r in rows if r.quantile == chosen), None)
     scales = chosen_row.score_scales if chosen_row is not None else None
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
-                      margin=config.margin, power=config.power)
+                      margin=config.margin, power=config.power, evidence=config.evidence(auto))
     if gate is not None:
         final = with_gate(final, plans, stats, len(source), config.gate)
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
-                                gate_threshold=gate, excess=config.excess_kind)
+                                gate_threshold=None if gate is None else gate[0],
+                                gate_low_threshold=None if gate is None else gate[1], excess=config.excess_kind)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
     # Where every bound is a maximum over the calibration images, the clamp is the identity on
     # them, so the original model is the reference. Otherwise it is not meant to be: the check then
     # covers structure and loading, and the agreement gate below how many predictions changed.
     extra = (SCORE_OUTPUT,) if config.score_output else ()
-    result = verify_model(editable, proto, editable.proto, inputs, atol=1e-5, rtol=1e-5, provider=config.provider,
+    checked = inputs
+    if identity and gate is not None:
+        # A graded gate may flag a calibration image even at strength 100; it changes such images by
+        # design, so the identity is checked on the others (the gate flags ~`gate_alarm` of them).
+        flagged, _ = clamp_maps(editable, final, score_scales=scales or None, gate_threshold=gate[0],
+                                gate_low_threshold=gate[1], excess=config.excess_kind, gate_output=True)
+        checked, gated, total = _ungated(editable, flagged, inputs, config.provider)
+        if gated:
+            notes.append(f"verified as the identity on {total - gated} of {total} calibration images: the score "
+                         f"gate flagged {gated}, which it changes by design")
+    result = verify_model(editable, proto, editable.proto, checked, atol=1e-5, rtol=1e-5, provider=config.provider,
                           exact=False, extra_outputs=extra) if identity else None
     if result is not None:
         require_ok(result)
@@ -300,7 +332,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         calibration=calibration_section(source, config.batch_size, engine=engine if not config.mean_bounds else None),
         config={"layers": config.layers if isinstance(config.layers, str) else list(config.layers),
                 "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k,
-                "excess": config.excess_kind,
+                "excess": config.excess_kind, "low_evidence": config.low_evidence,
+                "evidence_quantile": config.evidence(auto).quantile,
                 "bounds": list(config.bounds), "mean_layers": config.mean_layers},
         maps=[_map_report(p, final.get(p.tap.name), scaled.get(p.tap.name)) for p in plans],
         notes=notes,
@@ -345,10 +378,24 @@ def _map_report(plan: MapPlan, bound: ClampBound | None, scaled: float | None) -
         mean_hi_max=None if mean is None else float(mean.hi.max()), mean_scaled=scaled)
 
 
+def _ungated(model: Model, flagged: onnx.ModelProto, inputs: list[np.ndarray],
+             provider: str) -> tuple[list[np.ndarray], int, int]:
+    """`inputs` without the images the gate flags (`GATED_OUTPUT` of `flagged`), their count, the total."""
+    session = create_session(model, flagged, provider)
+    kept, gated, total = [], 0, 0
+    for x in inputs:
+        hit = np.asarray(session.run([GATED_OUTPUT], x)[0], dtype=bool).reshape(-1)
+        gated, total = gated + int(hit.sum()), total + len(hit)
+        if not hit.all():
+            kept.append(x[~hit])
+    return kept, gated, total
+
+
 def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, preprocess: Preprocess,
               config: ClampConfig, rows: list[StrengthRow], chosen: float,
-              progress: Progress | None) -> tuple[float, float | None, dict]:
-    """The strength and gate threshold to deploy, and the report of how they were chosen.
+              progress: Progress | None) -> tuple[float, tuple[float, float | None] | None, dict]:
+    """The strength and gate thresholds (upper side, low side or None) to deploy, and the report of
+    how they were chosen.
 
     The gate shares the strength's budget (held-out cost at most the cost at q 100 plus the slack).
     Tried at the chosen strength first; when the two together exceed the budget, at the next weaker
@@ -361,16 +408,17 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
         threshold, confidence = gate_threshold(row, config.gate_alarm)
         if not np.isfinite(threshold):
             break
+        low = low_gate_threshold(row) if config.low_evidence else None
         gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
                                threshold, position_quantile=config.quantile, margin=config.margin,
                                power=config.power, provider=config.provider, progress=progress,
-                               excess=config.excess_kind)
-        tried.append(dict(_candidate(gated), threshold=threshold))
+                               excess=config.excess_kind, evidence=config.evidence(True), low_threshold=low)
+        tried.append(dict(_candidate(gated), threshold=threshold, low_threshold=low))
         if within_budget(gated, reference, config.rule, config.slack):
-            return row.quantile, threshold, {
+            return row.quantile, (threshold, low), {
                 "quantile": config.gate, "alarm": config.gate_alarm, "threshold": threshold,
-                "confidence": confidence, "kept": True, "strength_without_gate": chosen, "tried": tried,
-                "rule": GATE_RULE}
+                "confidence": confidence, "low_threshold": low, "kept": True, "strength_without_gate": chosen,
+                "tried": tried, "rule": GATE_RULE}
     return chosen, None, {"quantile": config.gate, "alarm": config.gate_alarm, "threshold": None, "kept": False,
                           "strength_without_gate": chosen, "tried": tried, "rule": GATE_RULE,
                           "reason": "with the gate, no strength kept the held-out cost within the budget"}
@@ -397,7 +445,7 @@ def _quantile_gate(gate) -> bool:
 
 def _candidate(row: StrengthRow) -> dict:
     """A strength row for the report (the per-part score scales are reported once, in ``score``)."""
-    hidden = ("score_scales", "held_out_scores", "held_out_mean_scores")
+    hidden = ("score_scales", "held_out_scores", "held_out_mean_scores", "held_out_low_scores")
     return {k: v for k, v in dataclasses.asdict(row).items() if k not in hidden}
 
 

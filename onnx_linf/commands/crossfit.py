@@ -23,7 +23,7 @@ from ..measure.sources import DataSource
 from ..measure.stats import ChannelStats
 from ..model.load import Model
 from ..model.taps import Tap
-from ..rewrite.clamp import SCORE_FLOOR, SCORE_OUTPUT, SCORE_PARTS_OUTPUT, ClampBound, MeanBound, clamp_maps
+from ..rewrite.clamp import GATE_PARTS, SCORE_FLOOR, SCORE_OUTPUT, SCORE_PARTS_OUTPUT, ClampBound, MeanBound, clamp_maps
 
 #: Channel-mean floor, relative to the map's largest bound: a channel silent on clean images
 #: (bound ~0) is never divided by zero, and one that wakes up beyond the floor is scaled down.
@@ -58,9 +58,24 @@ class MapPlan:
         return out
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What the channel-mean score parts (and so the score gate) are measured against."""
+
+    low: bool = True
+    """Each channel-mean bound also carries its channels' smallest clean mean, the reference of the
+    map's low part (channel means falling below anything clean)."""
+    quantile: float | None = None
+    """Grade the mean part against this quantile (percent) of clean channel means when the strength
+    is above it (None: against the bound itself). At strength 100 the bound is the clean maximum,
+    and a part that is 0 until an image passes every calibration image's mean is a blunt detector."""
+
+
 def bounds_at(plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: int, *, strength: float | None,
-              position_quantile: float, margin: float, power: float) -> dict[str, ClampBound]:
-    """Bounds of every map from statistics of `images` images (all of them, or all folds but one)."""
+              position_quantile: float, margin: float, power: float, evidence: Evidence = Evidence(),
+              ) -> dict[str, ClampBound]:
+    """Bounds of every map from statistics of `images` images (all of them, or all folds but one),
+    with the references of the channel-mean score parts `evidence` asks for."""
     out: dict[str, ClampBound] = {}
     for plan in plans:
         st = stats[plan.tap.name]
@@ -71,7 +86,11 @@ def bounds_at(plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: 
         if plan.mean_stat is not None and strength is not None:
             b = mean_bound(st, plan.mean_stat, strength, images)
             eps = MEAN_EPS * max(float(b.max()), 1e-12)
-            mean = MeanBound(b, power=power, eps=eps, positive=plan.mean_stat == "img_pmean")
+            low = st.image_moments[plan.mean_stat].min if evidence.low else None
+            graded = evidence.quantile is not None and strength > evidence.quantile
+            ref = mean_bound(st, plan.mean_stat, evidence.quantile, images) if graded else None
+            mean = MeanBound(b, power=power, eps=eps, positive=plan.mean_stat == "img_pmean",
+                             lo=None if low is None else np.maximum(low, 0.0), ref=ref)
         if hi is not None or mean is not None:
             out[plan.tap.name] = ClampBound(hi=hi, lo=lo, mean=mean)
     return out
@@ -85,7 +104,8 @@ def image_topk(grid: Sequence[float], images: int) -> int:
 def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource, preprocess: Preprocess,
               batch_size: int, grid: Sequence[float], *, position_quantile: float, margin: float, power: float,
               provider: str = "auto", progress: Progress | None = None,
-              stop: Callable[[list[StrengthRow]], bool] | None = None, excess: str = "clip") -> list[StrengthRow]:
+              stop: Callable[[list[StrengthRow]], bool] | None = None, excess: str = "clip",
+              evidence: Evidence = Evidence()) -> list[StrengthRow]:
     """Held-out cost of the candidate strengths, strongest last.
 
     For each candidate, each fold's images run through the model bounded by the other folds'
@@ -97,7 +117,8 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
     for q in grid:
         def fold_bounds(f: int, q: float = q) -> dict[str, ClampBound]:
             return bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=q,
-                             position_quantile=position_quantile, margin=margin, power=power)
+                             position_quantile=position_quantile, margin=margin, power=power,
+                             evidence=evidence)
         rows.append(_held_out(model, folds, source, preprocess, batch_size, q, fold_bounds, {"excess": excess},
                               provider, progress, f"cross-fit q={q:g}"))
         if stop is not None and stop(rows):
@@ -108,21 +129,24 @@ def cross_fit(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: 
 def cross_fit_gate(model: Model, plans: Sequence[MapPlan], folds: FoldStats, source: DataSource,
                    preprocess: Preprocess, batch_size: int, row: StrengthRow, gate_quantile: float | str,
                    threshold: float, *, position_quantile: float, margin: float, power: float,
-                   provider: str = "auto", progress: Progress | None = None, excess: str = "clip") -> StrengthRow:
+                   provider: str = "auto", progress: Progress | None = None, excess: str = "clip",
+                   evidence: Evidence = Evidence(), low_threshold: float | None = None) -> StrengthRow:
     """Held-out cost of the strength of `row` with the score gate added (`with_gate`): what the gate
     costs on clean images, measured like the strength itself (its threshold and part scales are
     the ones `row` fitted on all held-out folds)."""
     def fold_bounds(f: int) -> dict[str, ClampBound]:
         merged, images = folds.merged(exclude=f), folds.images(exclude=f)
         bounds = bounds_at(plans, merged, images, strength=row.quantile, position_quantile=position_quantile,
-                           margin=margin, power=power)
+                           margin=margin, power=power, evidence=evidence)
         return with_gate(bounds, plans, merged, images, gate_quantile)
     gated = _held_out(model, folds, source, preprocess, batch_size, row.quantile, fold_bounds,
-                      {"score_scales": row.score_scales or None, "gate_threshold": threshold, "excess": excess},
+                      {"score_scales": row.score_scales or None, "gate_threshold": threshold,
+                       "gate_low_threshold": low_threshold, "excess": excess},
                       provider, progress,
                       f"cross-fit gate {gate_quantile}")
     return dataclasses.replace(gated, score_p99=row.score_p99, score_scales=row.score_scales,
-                               held_out_scores=row.held_out_scores, held_out_mean_scores=row.held_out_mean_scores)
+                               held_out_scores=row.held_out_scores, held_out_mean_scores=row.held_out_mean_scores,
+                               held_out_low_scores=row.held_out_low_scores)
 
 
 def with_gate(bounds: dict[str, ClampBound], plans: Sequence[MapPlan], stats: dict[str, ChannelStats], images: int,
@@ -171,8 +195,9 @@ def _held_out(model: Model, folds: FoldStats, source: DataSource, preprocess: Pr
             progress.advance(len(batch))
     finally:
         progress.finish()
-    mean_parts = np.array([kind == "mean" for r in records for kind in r.score_parts], dtype=bool)
-    return held_out_row(quantile, folds.probabilities, folds.predictions, new, parts, mean_parts)
+    kinds = [kind for r in records for kind in r.score_parts]
+    above, below = (np.array([kind == side for kind in kinds], dtype=bool) for side in GATE_PARTS)
+    return held_out_row(quantile, folds.probabilities, folds.predictions, new, parts, above, below)
 
 
 def held_out_scaled(plans: Sequence[MapPlan], folds: FoldStats, strength: float | None) -> dict[str, float]:

@@ -13,11 +13,14 @@ Per map ``a`` ``[N, C, H, W]`` (each part optional):
   where the plain clamp keeps it at the clean maximum. Values at or below ``hi`` are untouched
   either way (``2 hi - a >= a`` in float arithmetic too, rounding being monotone);
 * optionally a per-image anomaly score, the graph output ``onnx_linf_score``: the largest of the
-  score *parts*, each divided by its scale. A map has up to two parts: the largest ``log(mu / B)``
-  over its channels (the channel-mean part, which sees full-image triggers) and its largest
-  position excess relative to its channel's largest bound (the position part, which sees
-  patches), each clipped at 0. Measured, the kinds complement each other: the mean parts alone
-  were blind to a patch trigger (AUROC 0.50), the position parts weak on blended ones (0.79). The
+  score *parts*, each divided by its scale. A map has up to three parts: the largest ``log(mu / B)``
+  over its channels (the channel-mean part, which sees full-image triggers that raise activity;
+  graded against a reference ``R`` below ``B`` when given), with a low reference ``L`` the largest
+  ``log(L / mu)`` (the low part: triggers that lower activity, as a blend does by scaling the image
+  by ``1 - alpha``), and its largest position excess relative to its channel's largest bound (the
+  position part, which sees patches), each clipped at 0. Measured, the kinds complement each other:
+  the mean parts alone were blind to a patch trigger (AUROC 0.50), the position parts weak on
+  blended ones (0.79). The
   scales (1 by default) let a caller put every part on the same footing, e.g. its held-out clean
   99th percentile (what ``clamp`` does): a part whose clean values are naturally large then no
   longer drowns the evidence of a quiet one.
@@ -45,6 +48,12 @@ SCORE_OUTPUT = "onnx_linf_score"
 #: Name of the ``[N, P]`` output of the unscaled score parts (``clamp_maps(score_parts=True)``), in
 #: the order of `ClampRecord.score_parts` over the records.
 SCORE_PARTS_OUTPUT = "onnx_linf_score_parts"
+#: Name of the bool ``[N]`` output ``clamp_maps(gate_output=True)`` adds: the images the score gate
+#: flagged (at any map: the evidence only grows from map to map).
+GATED_OUTPUT = "onnx_linf_gated"
+#: Kinds of score part the score gate reads, each summed over the maps on its own: the channel-mean
+#: evidence, above and below (a patch, which only the position parts see, is the position clamp's job).
+GATE_PARTS = ("mean", "low")
 #: What happens to a value above its position bound: ``clip`` (kept at the bound, the ℓ∞ clamp) or
 #: ``fold`` (reflected at the bound, ``2 hi - a``, and floored).
 EXCESS_KINDS = ("clip", "fold")
@@ -70,6 +79,16 @@ class MeanBound:
     gate_hi: np.ndarray | None = None
     """``[C]`` tighter bound for images the score gate has flagged (``clamp_maps(gate_threshold=)``):
     they get ``min(B_gate / mu, 1)^p`` instead; None: the gate does not act on this map."""
+    ref: np.ndarray | None = None
+    """``[C]`` reference of the map's mean score part, ``max_c relu(log(max(mu, eps) / max(R, eps)))``,
+    when it differs from `hi`: the evidence can be graded against a fixed clean quantile whatever
+    strength the bound itself has. None: `hi` (the part is then ``-log`` of the smallest factor)."""
+    lo: np.ndarray | None = None
+    """``[C]`` smallest clean per-image spatial mean of each channel: the reference of the map's
+    *low* score part ``max_c relu(log(max(L, eps) / max(mu, eps)))``, which sees triggers that lower
+    activity (a blend also scales the image by ``1 - alpha``). Evidence only: nothing is scaled up
+    (measured: raising a flagged image's low channels back to a clean level raised the ASR it was
+    meant to cut). None: no low part."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +119,7 @@ class ClampRecord:
     mean_bound: bool = False
     """True when a channel-mean bound was applied."""
     score_parts: tuple[str, ...] = ()
-    """Kinds (``mean``, ``position``) of this map's score parts, in output order (empty without a score)."""
+    """Kinds (``mean``, ``low``, ``position``) of this map's score parts, in output order (empty without a score)."""
 
 
 def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
@@ -159,17 +178,30 @@ class _Nodes:
         return self(op=op, inputs=[x], what=what, keepdims=keepdims, axes=axes)
 
 
-def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
-                      out: gs.Variable | None = None,
-                      gate: tuple[float, float, gs.Variable | None] | None = None,
-                      ) -> tuple[gs.Variable, gs.Variable | None, gs.Variable | None]:
-    """``raw * min(max(B, eps) / max(mu, eps), 1)^p``; when asked, the per-image mean part
-    ``max_c relu(log(mu / B))`` (``[N, 1, 1, 1]``); with `gate`, the gate's running evidence.
+@dataclass(frozen=True)
+class _GateAt:
+    """The score gate at one map: thresholds, this map's part scales, the evidence of earlier maps."""
 
-    `gate` is ``(threshold, scale, evidence so far)``: the evidence is the sum of the scaled mean
-    parts (part / scale) of this and the earlier maps, and an image is flagged here when it is above
-    `threshold`; a flagged image's bound is `MeanBound.gate_hi`. ``Where`` picks ``B`` for the
-    others, whose factor is then computed from the same values: bit for bit unchanged.
+    threshold: float
+    low_threshold: float | None
+    """None: the low parts are not read by the gate."""
+    scale: float
+    low_scale: float | None
+    before: gs.Variable | None
+    low_before: gs.Variable | None
+
+
+def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
+                      out: gs.Variable | None = None, gate: _GateAt | None = None,
+                      ) -> tuple[gs.Variable, list[gs.Variable], tuple[gs.Variable | None, ...]]:
+    """``raw * min(max(B, eps) / max(mu, eps), 1)^p``; when asked, the per-image parts
+    (``[N, 1, 1, 1]``): ``max_c relu(log(mu / B))`` and, with `MeanBound.lo`, the low part; with
+    `gate`, the gate's running evidence (above, below) and its flag.
+
+    The gate's evidence on each side is the sum of that side's scaled parts (part / scale) over
+    this and the earlier maps; an image is flagged here when either sum is above its threshold, and
+    a flagged image's bound is `MeanBound.gate_hi`. ``Where`` picks ``B`` for the others, whose
+    factor is then computed from the same values: bit for bit unchanged.
     """
     hi = np.asarray(mb.hi, dtype=np.float64).reshape(-1)
     if hi.shape != (channels,) or not np.isfinite(hi).all() or (hi < 0).any():
@@ -183,28 +215,55 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
     # at or below B' divides B' by itself, exactly 1; above it max(mu, eps) is mu), in two nodes.
     num = n.const("mean_hi", np.maximum(hi, mb.eps).reshape(1, channels, 1, 1))
     factor = n("Div", [num, n("Max", [mu, num], "mean_floor")], "mean_factor")
-    mean_score = evidence = log_min = None
+    parts: list[gs.Variable] = []
+    evidence = low_evidence = mean_part = low_part = flag = None
     if score or gated:
-        # max_c relu(log(max(mu, eps) / max(B, eps))) = -log(min_c factor): every factor is <= 1.
-        smallest = n.reduce(factor, "ReduceMin", [1, 2, 3], "mean_factor_min", keepdims=1)
-        log_min = n("Log", [smallest], "log_factor_min")
+        if mb.ref is None:
+            # max_c relu(log(max(mu, eps) / max(B, eps))) = -log(min_c factor): every factor is <= 1.
+            smallest = n.reduce(factor, "ReduceMin", [1, 2, 3], "mean_factor_min", keepdims=1)
+            mean_part = n("Neg", [n("Log", [smallest], "log_factor_min")], "mean_score")
+        else:
+            ref = np.asarray(mb.ref, dtype=np.float64).reshape(-1)
+            if ref.shape != (channels,) or not np.isfinite(ref).all() or (ref < 0).any():
+                raise RewriteError(f"channel-mean score reference of '{n.tap}' must be {channels} finite values >= 0")
+            ref_c = n.const("mean_ref", np.maximum(ref, mb.eps).reshape(1, channels, 1, 1))
+            over = n("Div", [n("Max", [mu, ref_c], "ref_floor"), ref_c], "ref_ratio")  # max(mu/R, 1)
+            largest_over = n.reduce(over, "ReduceMax", [1, 2, 3], "ref_ratio_max", keepdims=1)
+            mean_part = n("Log", [largest_over], "mean_score")
+        if mb.lo is not None:
+            lo = np.asarray(mb.lo, dtype=np.float64).reshape(-1)
+            if lo.shape != (channels,) or not np.isfinite(lo).all() or (lo < 0).any():
+                raise RewriteError(f"channel-mean low reference of '{n.tap}' must be {channels} finite values >= 0")
+            # A channel whose clean minimum is at or below eps gives max(L, eps) / max(mu, eps) <= 1:
+            # no evidence, however low its mean goes.
+            low_c = n.const("mean_lo", np.maximum(lo, mb.eps).reshape(1, channels, 1, 1))
+            ratio = n("Div", [low_c, n("Max", [mu, n.const("mean_eps", mb.eps)], "low_floor")], "low_ratio")
+            largest = n.reduce(ratio, "ReduceMax", [1, 2, 3], "low_ratio_max", keepdims=1)
+            low_part = n("Relu", [n("Log", [largest], "log_low_ratio")], "low_score")
     if score:
-        mean_score = n("Neg", [log_min], "mean_score")
+        parts.append(mean_part)
+        if low_part is not None:
+            parts.append(low_part)
     if gated:
         g_hi = np.asarray(mb.gate_hi, dtype=np.float64).reshape(-1)
         if g_hi.shape != (channels,) or not np.isfinite(g_hi).all() or (g_hi < 0).any():
             raise RewriteError(f"gate bound of '{n.tap}' must be {channels} finite values >= 0")
-        threshold, scale, before = gate
-        # part / scale = -log(min factor) / scale: one Mul on [N, 1, 1, 1].
-        evidence = n("Mul", [log_min, n.const("gate_scale", -1.0 / scale)], "gate_part")
-        if before is not None:
-            evidence = n("Add", [before, evidence], "gate_evidence")
-        flag = n("Greater", [evidence, n.const("gate_threshold", threshold)], "gate_hit", dtype=np.bool_)
+        evidence = n("Mul", [mean_part, n.const("gate_scale", 1.0 / gate.scale)], "gate_part")
+        if gate.before is not None:
+            evidence = n("Add", [gate.before, evidence], "gate_evidence")
+        flag = n("Greater", [evidence, n.const("gate_threshold", gate.threshold)], "gate_hit", dtype=np.bool_)
+        if low_part is not None and gate.low_threshold is not None:
+            low_evidence = n("Mul", [low_part, n.const("gate_low_scale", 1.0 / gate.low_scale)], "gate_low_part")
+            if gate.low_before is not None:
+                low_evidence = n("Add", [gate.low_before, low_evidence], "gate_low_evidence")
+            low_flag = n("Greater", [low_evidence, n.const("gate_low_threshold", gate.low_threshold)],
+                         "gate_low_hit", dtype=np.bool_)
+            flag = n("Or", [flag, low_flag], "gate_either", dtype=np.bool_)
         g_num = n.const("gate_hi", np.maximum(np.minimum(g_hi, hi), mb.eps).reshape(1, channels, 1, 1))
         bound = n("Where", [flag, g_num, num], "gated_bound")
         factor = n("Div", [bound, n("Max", [mu, bound], "gated_floor")], "gated_factor")
     scaled = n("Mul", [raw, _power(n, factor, float(mb.power))], "mean_scaled", out=out)
-    return scaled, mean_score, evidence
+    return scaled, parts, (evidence, low_evidence, flag)
 
 
 #: Integer powers up to this are products (repeated squaring), higher or fractional ones `Pow`.
@@ -245,7 +304,8 @@ def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | 
 
 def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: bool = False,
                score_parts: bool = False, score_scales: Sequence[float] | None = None,
-               gate_threshold: float | None = None, excess: str = "clip",
+               gate_threshold: float | None = None, gate_low_threshold: float | None = None,
+               excess: str = "clip", gate_output: bool = False,
                ) -> tuple[onnx.ModelProto, list[ClampRecord]]:
     """Insert the channel-mean bound and ``Min(a, hi)`` (``Max(., lo)`` too) right after each tap.
 
@@ -260,16 +320,20 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
         bounds: tap tensor name -> bounds: position/channel bounds float32 ``[C,1,1]`` or
             ``[C,H,W]``, and an optional `MeanBound`.
         score_output: also add the graph output `SCORE_OUTPUT`, float32 ``[N]``: per image the
-            largest score part (per map the largest ``log(mu / B)`` and the largest relative
-            position excess, clipped at 0) divided by its scale, computed from the same nodes in
-            the same forward pass.
+            largest score part (per map the largest ``log(mu / B)``, with `MeanBound.lo` the largest
+            ``log(L / mu)``, and the largest relative position excess, clipped at 0) divided by its
+            scale, computed from the same nodes in the same forward pass.
         score_parts: also add `SCORE_PARTS_OUTPUT`, float32 ``[N, P]``, the unscaled parts (with
             `score_output`; what a caller measures the scales from).
         score_scales: one positive scale per part (`ClampRecord.score_parts` order); None: all 1.
         gate_threshold: the score gate: at each map with a `MeanBound.gate_hi`, images whose
-            running evidence (the sum of the scaled channel-mean parts of the maps so far, this
-            map's included) exceeds it get the gate's tighter channel-mean factor. Images below it are
+            running evidence (the sum of the scaled channel-mean parts, mean and low, of the maps so
+            far, this map's included) exceeds it get the gate's tighter channel-mean factor. Images below it are
             untouched, so the score of every image the gate leaves alone is what it was without it.
+        gate_low_threshold: with `gate_threshold`, the gate also flags images whose sum of scaled
+            low parts (maps with `MeanBound.lo`) so far exceeds this; None: the low parts only score.
+        gate_output: also add `GATED_OUTPUT` (needs the gate), which images it flagged: what a
+            caller verifying the rewrite must leave out of an identity check.
         excess: `EXCESS_KINDS`: ``clip`` keeps a value above ``hi`` at ``hi``; ``fold`` reflects it,
             ``2 hi - a``, floored at ``lo`` or, for a one-sided bound, at 0 (a one-sided bound is
             then a statement that the map is non-negative, as it is for every one-sided bound the
@@ -298,12 +362,17 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
     kinds: dict[str, tuple[str, ...]] = {}
     if score_parts and not score_output:
         raise RewriteError("score parts need the score output")
-    if gate_threshold is not None and not (np.isfinite(gate_threshold) and gate_threshold >= 0):
-        raise RewriteError(f"the gate threshold must be finite and >= 0, got {gate_threshold}")
+    for value in (gate_threshold, gate_low_threshold):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise RewriteError(f"the gate threshold must be finite and >= 0, got {value}")
+    if gate_low_threshold is not None and gate_threshold is None:
+        raise RewriteError("a low gate threshold needs the gate threshold")
     # Parts are counted with the gate too: its per-map limits use the parts' scales.
     with_parts = score_output or gate_threshold is not None
     scales = None if score_scales is None else np.asarray(score_scales, dtype=np.float64).reshape(-1)
     evidence: list[gs.Variable] = []  # the gate's running evidence, float [N, 1, 1, 1]
+    low_evidence: list[gs.Variable] = []  # the same for the low parts
+    flags: list[gs.Variable] = []  # the gate's flag at each gated map, bool [N, 1, 1, 1]
 
     counted = [0]  # parts so far, built or not (the gate alone builds no position parts)
 
@@ -313,14 +382,17 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
                                                              to=onnx.TensorProto.FLOAT))
 
-    def gate_of(j: int) -> tuple[float, float, gs.Variable | None]:
-        """The gate at a map whose mean part is part `j`: the threshold, the part's scale and the
-        evidence of the earlier maps. Only channel-mean parts gate: a patch, which only the
-        position parts see, is the position clamp's job (gating it let a patch backdoor back)."""
-        if scales is not None and j >= len(scales):
+    def gate_of(j: int, low: bool) -> _GateAt:
+        """The gate at a map whose channel-mean part is part `j` (its low part `j + 1` when `low`).
+        Only channel-mean parts gate: a patch, which only the position parts see, is the position
+        clamp's job (gating it let a patch backdoor back)."""
+        if scales is not None and j + low >= len(scales):
             raise RewriteError(f"the score needs a scale for every part, got {len(scales)}")
-        scale = 1.0 if scales is None else float(scales[j])
-        return float(gate_threshold), scale, evidence[-1] if evidence else None
+        taken = (1.0, 1.0) if scales is None else (float(scales[j]), float(scales[j + low]))
+        reads_low = low and gate_low_threshold is not None
+        return _GateAt(float(gate_threshold), float(gate_low_threshold) if reads_low else None, taken[0],
+                       taken[1] if reads_low else None, evidence[-1] if evidence else None,
+                       low_evidence[-1] if low_evidence else None)
     for taken in (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_output else ():
         if taken in names.taken:
             raise RewriteError(f"the model already has a tensor named '{taken}'")
@@ -354,15 +426,22 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             n = _Nodes(names, model.opset or 21, tap, dtype)
             x, parts = raw, []  # kinds of this map's score parts
             if mean is not None:
-                gate = gate_of(counted[0]) if gate_threshold is not None and mean.gate_hi is not None else None
+                kinds_here = ("mean", "low") if mean.lo is not None else ("mean",)
+                gate = (gate_of(counted[0], mean.lo is not None)
+                        if gate_threshold is not None and mean.gate_hi is not None else None)
                 # Without a position clamp the scaling Mul writes the tap's own tensor.
-                x, mean_score, so_far = _mean_bound_nodes(n, raw, mean, channels, score_output,
-                                                          out=out if hi is None else None, gate=gate)
+                x, mean_parts, (so_far, low_so_far, flag) = _mean_bound_nodes(
+                    n, raw, mean, channels, score_output, out=out if hi is None else None, gate=gate)
+                if flag is not None:
+                    flags.append(flag)
                 if so_far is not None:
                     evidence.append(so_far)
+                if low_so_far is not None:
+                    low_evidence.append(low_so_far)
                 if with_parts:
-                    parts.append("mean")
-                    add_part(n, mean_score, dtype)
+                    for i, kind in enumerate(kinds_here):
+                        parts.append(kind)
+                        add_part(n, mean_parts[i] if mean_parts else None, dtype)
             if hi is not None:
                 hi_c = n.const("clamp_hi", hi)
                 lo_c = None if lo is None else n.const("clamp_lo", lo)
@@ -393,6 +472,17 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
     if score_output:
         graph.outputs.extend(_score_outputs(graph, names, model.opset or 21, scores, score_scales, score_parts))
         extra = (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_parts else (SCORE_OUTPUT,)
+    if gate_output:
+        if not flags:
+            raise RewriteError("the gate output needs the score gate on at least one map")
+        if GATED_OUTPUT in names.taken:
+            raise RewriteError(f"the model already has a tensor named '{GATED_OUTPUT}'")
+        gated = gs.Variable(GATED_OUTPUT, dtype=np.bool_, shape=["N"])
+        shape = gs.Constant(names.fresh(f"{PREFIX}/gated/shape"), np.array([-1], dtype=np.int64))
+        graph.nodes.append(gs.Node("Reshape", names.fresh(f"{PREFIX}/gated/Reshape"), inputs=[flags[-1], shape],
+                                   outputs=[gated]))
+        graph.outputs.append(gated)
+        extra += (GATED_OUTPUT,)
     return export_graph(graph, source, renamed, extra_outputs=extra), records
 
 
