@@ -155,6 +155,8 @@ CLAMP_SETTINGS = (
     ("clamp v2", "fixed q=99, p=2", dict(strength=99.0, power=2.0)),
     ("clamp v2", "fixed q=99, p=6", dict(strength=99.0)),
     ("clamp v2", "auto + gate, --excess clip", dict(excess="clip")),
+    ("clamp v2", "auto + gate, upper evidence against the bound only (last release's default)",
+     dict(low_evidence=False, evidence_quantile=None)),
     ("clamp v2", "**auto (default)**", dict(score_output=True)),
 )
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         "quantile x layers grid")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
     parser.add_argument("--clamp-default-only", action="store_true", help="of the clamp settings, only the "
-                        "default (auto strength, with the score) and the same with --excess clip")
+                        "default (auto strength, with the score) and the last release's default")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())

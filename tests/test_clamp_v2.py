@@ -252,7 +252,7 @@ def test_low_evidence_gates_the_digits_blended_backdoor(fixtures_dir):
         result = clamp(model, fixtures_dir / "digits_calib",
                        ClampConfig(provider="cpu", score_output=True, low_evidence=low))
         assert result.report.config["low_evidence"] is low
-        assert result.report.config["evidence_quantile"] == 99.0
+        assert result.report.config["evidence_quantile"] == 99.5
         kinds = [p["kind"] for p in result.report.score["parts"]]
         assert kinds.count("low") == (kinds.count("mean") if low else 0) and kinds.count("mean") == 2
         assert result.report.strength["gate"]["kept"]
