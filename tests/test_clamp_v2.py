@@ -261,6 +261,27 @@ def test_low_evidence_gates_the_digits_blended_backdoor(fixtures_dir):
     assert after[True].accuracy >= before.accuracy - 0.005
 
 
+def test_identity_verification_leaves_out_the_images_the_graded_gate_flags(model_file, pixels_file):
+    """At strength 100 the graded gate (evidence against the clean q 99.5) can flag calibration images;
+    the identity is verified on the others, the report says how many were left out, and the images
+    left out are exactly those whose outputs changed."""
+    path = model_file(models.plain_cnn())
+    calib = pixels_file(1000, 8, 8, 3)
+    config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, verify_images=1000)
+    result = clamp(path, calib, config)
+    assert result.report.strength["quantile"] == 100.0 and result.report.strength["gate"]["kept"]
+    assert result.report.verification["ok"]
+    note = next(n for n in result.report.notes if n.startswith("verified as the identity"))
+    gated = int(note.split("flagged ")[1].split(",")[0])
+    assert 0 < gated < 100
+    model = load_model(path)
+    x = Preprocess.from_model(model).apply(np.load(calib))
+    before = create_session(model, None, "cpu").run(None, x)[0]
+    after = create_session(model, result.proto, "cpu").run(None, x)[0]
+    changed = ~np.isclose(after, before, rtol=1e-4, atol=1e-4).all(axis=1)
+    assert changed.sum() == gated
+
+
 def test_cli_reports_strength_maps_and_score(fixtures_dir, tmp_path):
     r = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
                             str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "s.onnx"), "--strength", "99",

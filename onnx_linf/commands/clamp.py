@@ -249,8 +249,10 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     grid = validate_grid(config.strength_grid) if auto else ()
     fixed = None if not config.mean_bounds or auto else float(config.strength)
 
-    # The per-image top-k must reach the lowest quantile any bound uses (a quantile gate's too).
+    # The per-image top-k must reach the lowest quantile any bound uses (a quantile gate's and the
+    # graded evidence's too).
     depth = (grid or (fixed,)) + ((float(config.gate),) if _quantile_gate(config.gate) else ())
+    depth += (config.evidence_quantile,) if auto and config.evidence_quantile is not None else ()
     engine = make_engine(config.engine)
     probe = Probe(model, taps, (), config.provider, per_tap_stats={p.tap.name: p.stats() for p in plans}, topk=k,
                   engine=engine if not config.mean_bounds else None)
