@@ -67,6 +67,10 @@ def clamp_command(
                                                "channel means fall below the smallest clean ones (triggers "
                                                "that lower activity, e.g. a blend). Evidence only.")]
     = ClampConfig.low_evidence,
+    evidence_quantile: Annotated[str, typer.Option(help="--strength auto: where the chosen strength is above this "
+                                                   "percentile, grade the channel-mean evidence against it instead "
+                                                   "of the bound ('bound' for the bound itself).")]
+    = f"{ClampConfig.evidence_quantile:g}",
     score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
                                                "[N]: a per-image anomaly score from the same forward pass.")]
     = False,
@@ -111,7 +115,8 @@ def clamp_command(
                              min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,
-                             low_evidence=low_evidence, score_output=score_output)
+                             low_evidence=low_evidence, evidence_quantile=parse_evidence_quantile(evidence_quantile),
+                             score_output=score_output)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -196,6 +201,19 @@ def gate_line(gate: dict) -> str:
     return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} "
             f"({held}){below} "
             f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})")
+
+
+def parse_evidence_quantile(value: str) -> float | None:
+    """'bound' or a percentile in (0, 100)."""
+    if value.strip().lower() == "bound":
+        return None
+    try:
+        q = float(value)
+    except ValueError:
+        q = float("nan")
+    if not 0 < q < 100:
+        raise UsageError(f"--evidence-quantile takes 'bound' or a percentile in (0, 100), got {value!r}")
+    return q
 
 
 def parse_strength(value: str) -> float | str:

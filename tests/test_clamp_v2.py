@@ -317,6 +317,21 @@ def test_cli_gate_on_by_default_and_off_on_request(fixtures_dir, tmp_path):
     assert on["strength"]["forwards"] > off["strength"]["forwards"]  # the gate's held-out pass(es)
 
 
+def test_cli_evidence_options(fixtures_dir, tmp_path):
+    args = ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib", str(fixtures_dir / "digits_calib"),
+            "--json", "-", "-q"]
+    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--no-low-evidence", "--evidence-quantile", "bound",
+                                   "--score-output"])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["config"]["low_evidence"] is False and report["config"]["evidence_quantile"] is None
+    assert "low" not in [p["kind"] for p in report["score"]["parts"]]
+    for bad in ("100", "x"):
+        r = runner.invoke(app, args + ["-o", str(tmp_path / "b.onnx"), "--evidence-quantile", bad])
+        assert r.exit_code == 2 and "--evidence-quantile" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "b.onnx").exists()
+
+
 def test_model_tensor_of_a_fold_batch_is_the_rows_of_the_source():
     source = feed(10)
     batch = next(iter(FoldedSource(source, 3).batches(10)))

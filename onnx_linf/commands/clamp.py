@@ -160,6 +160,8 @@ class ClampConfig:
             raise UsageError(f"--gate must be 'mean', a quantile in (0, 100] or off, got {self.gate!r}")
         if not 0 < self.gate_alarm < 0.5:
             raise UsageError(f"the gate's false-alarm share must be in (0, 0.5), got {self.gate_alarm}")
+        if self.evidence_quantile is not None and not 0 < self.evidence_quantile < 100:
+            raise UsageError(f"the evidence quantile must be in (0, 100) or None, got {self.evidence_quantile}")
         if self.margin < 0:
             raise UsageError(f"--margin must be >= 0, got {self.margin}")
         if self.excess not in ("auto",) + EXCESS_KINDS:
