@@ -234,8 +234,8 @@ def mean_statistics(taps: Sequence[Tap]) -> dict[str, tuple[str, ...]]:
 def anomaly_scores(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelStats], source: DataSource,
                    preprocess: Preprocess, batch_size: int, provider: str = "auto") -> dict:
     """The clamp's per-image anomaly score (`rewrite.clamp.SCORE_OUTPUT`) of the images of `source`,
-    against bounds at the clean maxima (every clean calibration image then scores 0, up to float
-    rounding), without writing a model. Every part's scale is 1 here (the raw largest part): the
+    against bounds at the clean maxima and, for the low parts, minima of the channel means (every
+    clean calibration image then scores 0, up to float rounding), without writing a model. Every part's scale is 1 here (the raw largest part): the
     per-part scales of a clamped model come from its cross-fit, which a scan does not run.
 
     Args:
@@ -250,7 +250,9 @@ def anomaly_scores(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelSt
         st = clean[tap.name]
         stat = mean_statistics([tap])[tap.name][0]
         b = mean_bound(st, stat, 100.0, st.count or 1)
-        mean = MeanBound(b, eps=MEAN_EPS * max(float(b.max()), 1e-12), positive=stat == "img_pmean")
+        moments = st.image_moments.get(stat)
+        mean = MeanBound(b, eps=MEAN_EPS * max(float(b.max()), 1e-12), positive=stat == "img_pmean",
+                         lo=None if moments is None else np.maximum(moments.min, 0.0))
         bounds[tap.name] = ClampBound(hi=st.pos_max.astype(np.float32),
                                       lo=None if tap.non_negative else st.pos_min.astype(np.float32), mean=mean)
     proto, _ = clamp_maps(model, bounds, score_output=True)
