@@ -235,8 +235,9 @@ def anomaly_scores(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelSt
                    preprocess: Preprocess, batch_size: int, provider: str = "auto") -> dict:
     """The clamp's per-image anomaly score (`rewrite.clamp.SCORE_OUTPUT`) of the images of `source`,
     against bounds at the clean maxima and, for the low parts, minima of the channel means (every
-    clean calibration image then scores 0, up to float rounding), without writing a model. Every part's scale is 1 here (the raw largest part): the
-    per-part scales of a clamped model come from its cross-fit, which a scan does not run.
+    clean calibration image then scores 0, up to float rounding), without writing a model. Every
+    part's scale is 1 here (the raw largest part): the per-part scales of a clamped model come from
+    its cross-fit, which a scan does not run.
 
     Args:
         clean: clean statistics with ``pos_max`` (``pos_min``) and the `mean_statistics` measured.
