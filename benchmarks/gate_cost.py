@@ -1,5 +1,6 @@
 """What the score gate and the fold cost a deployment: plain inference of the original model, the
-default clamp (fold, gate on), the same with ``--excess clip`` and with ``--gate off``, and the
+default clamp (fold, gate on), the same with ``--excess clip``, with ``--gate off`` and with the last
+release's gate evidence (no low parts, no graded evidence), and the
 blocked CPU artefact (`rewrite.blocked.blocked_artifact`) of the default and of ``--excess clip``,
 on one CIFAR-10 benchmark model.
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     case = cases[0]
     protos = {"original": case.model.proto}
     for label, options in (("clamp, --gate off", {"gate": None}), ("clamp, --excess clip", {"excess": "clip"}),
+                           ("upper evidence only (last release)", {"low_evidence": False, "evidence_quantile": None}),
                            ("clamp (default: fold, gate on)", {})):
         protos[label] = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options),
                               preprocess=case.preprocess).proto
