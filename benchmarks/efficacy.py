@@ -157,6 +157,7 @@ CLAMP_SETTINGS = (
     ("clamp v2", "auto + gate, --excess clip", dict(excess="clip")),
     ("clamp v2", "auto + gate, upper evidence against the bound only (last release's default)",
      dict(low_evidence=False, evidence_quantile=None)),
+    ("clamp v2", "auto + gate, --evidence-quantile 99.5", dict(evidence_quantile=99.5)),
     ("clamp v2", "**auto (default)**", dict(score_output=True)),
 )
 
@@ -196,7 +197,7 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
     from onnx_linf.commands.clamp import ClampConfig, clamp
 
     rows = []
-    for defence, label, options in CLAMP_SETTINGS[-2:] if default_only else CLAMP_SETTINGS:
+    for defence, label, options in CLAMP_SETTINGS[-3:] if default_only else CLAMP_SETTINGS:
         t0 = time.perf_counter()
         result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
         seconds = time.perf_counter() - t0
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                         "quantile x layers grid")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
     parser.add_argument("--clamp-default-only", action="store_true", help="of the clamp settings, only the "
-                        "default (auto strength, with the score) and the last release's default")
+                        "default (auto strength, with the score), the last release's default and "
+                        "--evidence-quantile 99.5")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())

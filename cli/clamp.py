@@ -70,7 +70,7 @@ def clamp_command(
     evidence_quantile: Annotated[str, typer.Option(help="--strength auto: where the chosen strength is above this "
                                                    "percentile, grade the channel-mean evidence against it instead "
                                                    "of the bound ('bound' for the bound itself).")]
-    = f"{ClampConfig.evidence_quantile:g}",
+    = "bound" if ClampConfig.evidence_quantile is None else f"{ClampConfig.evidence_quantile:g}",
     score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
                                                "[N]: a per-image anomaly score from the same forward pass.")]
     = False,

@@ -252,7 +252,7 @@ def test_low_evidence_gates_the_digits_blended_backdoor(fixtures_dir):
         result = clamp(model, fixtures_dir / "digits_calib",
                        ClampConfig(provider="cpu", score_output=True, low_evidence=low))
         assert result.report.config["low_evidence"] is low
-        assert result.report.config["evidence_quantile"] == 99.5
+        assert result.report.config["evidence_quantile"] is None
         kinds = [p["kind"] for p in result.report.score["parts"]]
         assert kinds.count("low") == (kinds.count("mean") if low else 0) and kinds.count("mean") == 2
         assert result.report.strength["gate"]["kept"]
@@ -262,12 +262,13 @@ def test_low_evidence_gates_the_digits_blended_backdoor(fixtures_dir):
 
 
 def test_identity_verification_leaves_out_the_images_the_graded_gate_flags(model_file, pixels_file):
-    """At strength 100 the graded gate (evidence against the clean q 99.5) can flag calibration images;
+    """At strength 100 a graded gate (evidence against the clean q 99.5) can flag calibration images;
     the identity is verified on the others, the report says how many were left out, and the images
     left out are exactly those whose outputs changed."""
     path = model_file(models.plain_cnn())
     calib = pixels_file(1000, 8, 8, 3)
-    config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, verify_images=1000)
+    config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, verify_images=1000,
+                         evidence_quantile=99.5)
     result = clamp(path, calib, config)
     assert result.report.strength["quantile"] == 100.0 and result.report.strength["gate"]["kept"]
     assert result.report.verification["ok"]

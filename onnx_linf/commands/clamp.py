@@ -69,12 +69,14 @@ DEFAULT_GATE = "mean"
 #: 1% cost the clean VGG 0.3 and 0.8 pt.
 DEFAULT_GATE_ALARM = 0.005
 #: Quantile the channel-mean evidence is graded against when the cross-fit chose a strength above it
-#: (`ClampConfig.evidence_quantile`): at q 100 only, the grid's next step. Against the bound at
-#: q 100 (the clean maximum) a triggered image scores only once it passes every calibration image's
-#: mean at some channel. Measured on a retrained CIFAR VGG Blended where the cross-fit chose q 100:
-#: 33% of triggered images stayed below the gate (13.4% ASR); graded against q 99.5, 1.8%; against
-#: q 99, 5.4%, but q 99 also regraded the VGG SIG model's q 99.5 and cost it (5.9 -> 10.1%).
-DEFAULT_EVIDENCE_QUANTILE = 99.5
+#: (`ClampConfig.evidence_quantile`); None by default. Against the bound at q 100 (the clean
+#: maximum) a triggered image scores only once it passes every calibration image's mean at some
+#: channel, and grading it against q 99.5 looked like the fix: on a retrained CIFAR VGG Blended
+#: (q 100 chosen) 13.4 -> 1.8% ASR. On the ResNet-8 Blended of the same retraining it went the
+#: other way, 16.3 -> 33.2% (the graded parts' held-out scales grow, and the triggered images'
+#: scaled evidence with them shrinks: 72% of them gated ungraded, 16% graded). A mixed result is
+#: not a default; it stays an option.
+DEFAULT_EVIDENCE_QUANTILE = None
 #: What the position clamp does to a value above its bound (README, "Fold instead of clip"):
 #: ``auto`` folds at ``--quantile 100``, where a value above the bound is above everything clean
 #: images produced, and clips below it, where the bound sits inside the clean range and folding
