@@ -283,6 +283,24 @@ def test_identity_verification_leaves_out_the_images_the_graded_gate_flags(model
     assert changed.sum() == gated
 
 
+def test_gate_evidence_is_scored_against_the_fold_fitted_bounds(fixtures_dir):
+    """auto: each channel-mean part is scored against the average of the five fold-fitted bounds (what
+    the gate's threshold was calibrated on), never above the deployed bound; off on request."""
+    from onnx.numpy_helper import to_array
+
+    def consts(proto, what):
+        return {i.name.split("/")[-1]: to_array(i) for i in proto.graph.initializer if f"/{what}/" in i.name}
+
+    model = load_model(fixtures_dir / "digits_blended.onnx")
+    on = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu"))
+    off = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", fold_reference=False))
+    assert on.report.config["fold_reference"] is True and off.report.config["fold_reference"] is False
+    refs, his = consts(on.proto, "mean_ref"), consts(on.proto, "mean_hi")
+    assert len(refs) == len(his) == 2 and not consts(off.proto, "mean_ref")
+    for tap, ref in refs.items():
+        assert (ref <= his[tap]).all() and (ref < his[tap]).any()
+
+
 def test_cli_reports_strength_maps_and_score(fixtures_dir, tmp_path):
     r = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_badnets.onnx"), "--calib",
                             str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "s.onnx"), "--strength", "99",

@@ -146,6 +146,9 @@ class ClampConfig:
     """The score and the gate also read each channel-mean bounded map's *low* part: how far an
     image's channel means fall below the smallest clean one (triggers that lower activity: a blend
     scales the image by ``1 - alpha``). Evidence only; nothing is scaled up."""
+    fold_reference: bool = True
+    """``auto``: score the channel-mean parts (and so the gate) against the average of the fold-fitted
+    bounds, the bounds the gate's threshold was calibrated with (`_fold_reference`)."""
     evidence_quantile: float | None = DEFAULT_EVIDENCE_QUANTILE
     """``auto``: where the chosen strength is above this quantile, the channel-mean score parts (and
     the gate) are graded against this quantile of clean channel means instead of the bound (None:
@@ -302,6 +305,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     scales = chosen_row.score_scales if chosen_row is not None else None
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
                       margin=config.margin, power=config.power, evidence=config.evidence(auto))
+    if auto and config.fold_reference and config.evidence_quantile is None:
+        final = _fold_reference(final, plans, folds, chosen, config)
     if gate is not None:
         final = with_gate(final, plans, stats, len(source), config.gate)
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
@@ -341,6 +346,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
                 "granularity": config.granularity, "quantile": config.quantile, "margin": config.margin, "topk": k,
                 "excess": config.excess_kind, "low_evidence": config.low_evidence,
                 "evidence_quantile": config.evidence(auto).quantile,
+                "fold_reference": bool(auto and config.fold_reference and config.evidence_quantile is None),
                 "bounds": list(config.bounds), "mean_layers": config.mean_layers},
         maps=[_map_report(p, final.get(p.tap.name), scaled.get(p.tap.name)) for p in plans],
         notes=notes,
@@ -383,6 +389,25 @@ def _map_report(plan: MapPlan, bound: ClampBound | None, scaled: float | None) -
         None if lo is None else float(lo.min()),
         mean_bound=None if mean is None else ("positive-mean" if mean.positive else "mean"),
         mean_hi_max=None if mean is None else float(mean.hi.max()), mean_scaled=scaled)
+
+
+def _fold_reference(final: dict[str, ClampBound], plans: list[MapPlan], folds, chosen: float,
+                    config: ClampConfig) -> dict[str, ClampBound]:
+    """`final` with each channel-mean bound's score reference at the average of the five fold-fitted
+    bounds: the gate's threshold and the parts' scales come from held-out images scored against
+    bounds fitted on 4/5 of the images, and a bound fitted on all of them sits higher (at q 100, a
+    maximum over more images), so new images scored against it read systematically less evidence
+    than the threshold was calibrated on."""
+    per_fold = [bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=chosen,
+                          position_quantile=config.quantile, margin=config.margin, power=config.power,
+                          evidence=config.evidence(True)) for f in range(len(folds.folds))]
+    out = dict(final)
+    for name, b in final.items():
+        if b.mean is None:
+            continue
+        ref = np.mean([fb[name].mean.hi for fb in per_fold], axis=0).astype(np.float32)
+        out[name] = dataclasses.replace(b, mean=dataclasses.replace(b.mean, ref=np.minimum(ref, b.mean.hi)))
+    return out
 
 
 def _ungated(model: Model, flagged: onnx.ModelProto, inputs: list[np.ndarray],
