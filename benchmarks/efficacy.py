@@ -156,7 +156,7 @@ CLAMP_SETTINGS = (
     ("clamp v2", "fixed q=99, p=6", dict(strength=99.0)),
     ("clamp v2", "auto + gate, --excess clip", dict(excess="clip")),
     ("clamp v2", "auto + gate, upper evidence against the bound only (last release's default)",
-     dict(low_evidence=False, evidence_quantile=None)),
+     dict(low_evidence=False, evidence_quantile=None, fold_reference=False)),
     ("clamp v2", "auto + gate, --evidence-quantile 99.5", dict(evidence_quantile=99.5)),
     ("clamp v2", "**auto (default)**", dict(score_output=True)),
 )

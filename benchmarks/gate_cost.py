@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     case = cases[0]
     protos = {"original": case.model.proto}
     for label, options in (("clamp, --gate off", {"gate": None}), ("clamp, --excess clip", {"excess": "clip"}),
-                           ("upper evidence only (last release)", {"low_evidence": False, "evidence_quantile": None}),
+                           ("upper evidence only (last release)", {"low_evidence": False, "evidence_quantile": None,
+                                                                  "fold_reference": False}),
                            ("clamp (default: fold, gate on)", {})):
         protos[label] = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options),
                               preprocess=case.preprocess).proto
