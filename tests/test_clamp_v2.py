@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 from onnx_linf.cli.app import app
 from onnx_linf.commands.clamp import ClampConfig, clamp
 from onnx_linf.decide.strength import (
+    LOW_THRESHOLD_FLOOR,
     SCORE_SCALE_FLOOR,
     StrengthRow,
     choose,
     exceeded,
     gate_threshold,
+    low_gate_threshold,
     part_scales,
     tolerance_rank,
 )
@@ -299,6 +301,13 @@ def test_gate_evidence_is_scored_against_the_fold_fitted_bounds(fixtures_dir):
     assert len(refs) == len(his) == 2 and not consts(off.proto, "mean_ref")
     for tap, ref in refs.items():
         assert (ref <= his[tap]).all() and (ref < his[tap]).any()
+
+
+def test_low_gate_threshold_is_the_largest_held_out_sum_with_a_floor():
+    row = StrengthRow(100.0, 0.0, 0.0, 0.0, held_out_low_scores=(0.0, 2.5, 0.3, float("nan")))
+    assert low_gate_threshold(row) == 2.5
+    assert low_gate_threshold(StrengthRow(100.0, 0.0, 0.0, 0.0, held_out_low_scores=(0.0,) * 5)) == LOW_THRESHOLD_FLOOR
+    assert low_gate_threshold(StrengthRow(100.0, 0.0, 0.0, 0.0)) is None
 
 
 def test_cli_reports_strength_maps_and_score(fixtures_dir, tmp_path):

@@ -156,6 +156,11 @@ def gate_threshold(row: StrengthRow, alarm: float, confidence: float = GATE_CONF
     return float(scores[-k]), reached
 
 
+#: Smallest low-side threshold (scaled units): where no held-out clean image fell below the clean
+#: minima at all (every sum 0), float rounding alone must not flag an image.
+LOW_THRESHOLD_FLOOR = 1e-3
+
+
 def low_gate_threshold(row: StrengthRow) -> float | None:
     """The low side's gate threshold: the largest held-out clean sum of scaled low parts, so a new
     clean image passes it with probability 1 / (n + 1) (exchangeability; 0.1% at n = 1,000), on
@@ -170,7 +175,7 @@ def low_gate_threshold(row: StrengthRow) -> float | None:
     """
     scores = np.asarray(row.held_out_low_scores, dtype=np.float64)
     scores = scores[np.isfinite(scores)]
-    return float(scores.max()) if len(scores) else None
+    return max(float(scores.max()), LOW_THRESHOLD_FLOOR) if len(scores) else None
 
 
 def _cost(rule: str):
