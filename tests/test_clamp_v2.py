@@ -22,6 +22,7 @@ from onnx_linf.decide.strength import (
     choose,
     exceeded,
     gate_threshold,
+    held_out_row,
     low_gate_threshold,
     part_scales,
     tolerance_rank,
@@ -308,6 +309,15 @@ def test_low_gate_threshold_is_the_largest_held_out_sum_with_a_floor():
     assert low_gate_threshold(row) == 2.5
     assert low_gate_threshold(StrengthRow(100.0, 0.0, 0.0, 0.0, held_out_low_scores=(0.0,) * 5)) == LOW_THRESHOLD_FLOOR
     assert low_gate_threshold(StrengthRow(100.0, 0.0, 0.0, 0.0)) is None
+    # held_out_row sums each side's scaled parts on its own (columns: mean, low, position per map).
+    parts = np.array([[0.1, 0.0, 0.0, 0.2, 0.4, 0.0], [0.0, 0.3, 0.5, 0.0, 0.0, 0.1]] * 50)
+    above = np.array([True, False, False, True, False, False])
+    below = np.array([False, True, False, False, True, False])
+    probs = np.full((100, 2), 0.5)
+    row = held_out_row(100.0, probs, np.zeros(100, int), np.zeros(100, int), parts, above, below)
+    scales = np.maximum(np.quantile(parts, 0.99, axis=0, method="inverted_cdf"), SCORE_SCALE_FLOOR)
+    np.testing.assert_allclose(row.held_out_mean_scores[:2], (parts[:2, above] / scales[above]).sum(axis=1))
+    np.testing.assert_allclose(row.held_out_low_scores[:2], (parts[:2, below] / scales[below]).sum(axis=1))
 
 
 def test_cli_reports_strength_maps_and_score(fixtures_dir, tmp_path):
