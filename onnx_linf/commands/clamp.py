@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..decide.bounds import MapBound, topk_for_quantile
+from ..decide.bounds import MapBound, mean_bound, topk_for_quantile
 from ..decide.strength import (
     DEFAULT_GRID,
     SCORE_SCALE_FLOOR,
@@ -306,7 +306,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
                       margin=config.margin, power=config.power, evidence=config.evidence(auto))
     if auto and config.fold_reference and config.evidence_quantile is None:
-        final = _fold_reference(final, plans, folds, chosen, config)
+        final = _fold_reference(final, plans, folds, chosen)
     if gate is not None:
         final = with_gate(final, plans, stats, len(source), config.gate)
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
@@ -391,22 +391,23 @@ def _map_report(plan: MapPlan, bound: ClampBound | None, scaled: float | None) -
         mean_hi_max=None if mean is None else float(mean.hi.max()), mean_scaled=scaled)
 
 
-def _fold_reference(final: dict[str, ClampBound], plans: list[MapPlan], folds, chosen: float,
-                    config: ClampConfig) -> dict[str, ClampBound]:
+def _fold_reference(final: dict[str, ClampBound], plans: list[MapPlan], folds,
+                    chosen: float) -> dict[str, ClampBound]:
     """`final` with each channel-mean bound's score reference at the average of the five fold-fitted
     bounds: the gate's threshold and the parts' scales come from held-out images scored against
     bounds fitted on 4/5 of the images, and a bound fitted on all of them sits higher (at q 100, a
     maximum over more images), so new images scored against it read systematically less evidence
     than the threshold was calibrated on."""
-    per_fold = [bounds_at(plans, folds.merged(exclude=f), folds.images(exclude=f), strength=chosen,
-                          position_quantile=config.quantile, margin=config.margin, power=config.power,
-                          evidence=config.evidence(True)) for f in range(len(folds.folds))]
     out = dict(final)
-    for name, b in final.items():
-        if b.mean is None:
+    fitted = [(folds.merged(exclude=f), folds.images(exclude=f)) for f in range(len(folds.folds))]
+    for plan in plans:
+        b = final.get(plan.tap.name)
+        if b is None or b.mean is None:
             continue
-        ref = np.mean([fb[name].mean.hi for fb in per_fold], axis=0).astype(np.float32)
-        out[name] = dataclasses.replace(b, mean=dataclasses.replace(b.mean, ref=np.minimum(ref, b.mean.hi)))
+        ref = np.mean([mean_bound(stats[plan.tap.name], plan.mean_stat, chosen, images)
+                       for stats, images in fitted], axis=0)
+        ref = np.minimum(ref.astype(np.float32), b.mean.hi)
+        out[plan.tap.name] = dataclasses.replace(b, mean=dataclasses.replace(b.mean, ref=ref))
     return out
 
 

@@ -191,6 +191,14 @@ class _GateAt:
     low_before: gs.Variable | None
 
 
+def _per_channel(value: np.ndarray, channels: int, what: str) -> np.ndarray:
+    """`value` as float64 ``[C]``; RewriteError unless it is `channels` finite values >= 0."""
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.shape != (channels,) or not np.isfinite(arr).all() or (arr < 0).any():
+        raise RewriteError(f"{what} must be {channels} finite values >= 0")
+    return arr
+
+
 def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
                       out: gs.Variable | None = None, gate: _GateAt | None = None,
                       ) -> tuple[gs.Variable, list[gs.Variable], tuple[gs.Variable | None, ...]]:
@@ -203,9 +211,7 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
     a flagged image's bound is `MeanBound.gate_hi`. ``Where`` picks ``B`` for the others, whose
     factor is then computed from the same values: bit for bit unchanged.
     """
-    hi = np.asarray(mb.hi, dtype=np.float64).reshape(-1)
-    if hi.shape != (channels,) or not np.isfinite(hi).all() or (hi < 0).any():
-        raise RewriteError(f"channel-mean bound of '{n.tap}' must be {channels} finite values >= 0")
+    hi = _per_channel(mb.hi, channels, f"channel-mean bound of '{n.tap}'")
     if not (mb.eps > 0 and mb.power > 0):
         raise RewriteError(f"channel-mean bound of '{n.tap}': eps and power must be > 0")
     gated = gate is not None and mb.gate_hi is not None
@@ -223,17 +229,13 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
             smallest = n.reduce(factor, "ReduceMin", [1, 2, 3], "mean_factor_min", keepdims=1)
             mean_part = n("Neg", [n("Log", [smallest], "log_factor_min")], "mean_score")
         else:
-            ref = np.asarray(mb.ref, dtype=np.float64).reshape(-1)
-            if ref.shape != (channels,) or not np.isfinite(ref).all() or (ref < 0).any():
-                raise RewriteError(f"channel-mean score reference of '{n.tap}' must be {channels} finite values >= 0")
+            ref = _per_channel(mb.ref, channels, f"channel-mean score reference of '{n.tap}'")
             ref_c = n.const("mean_ref", np.maximum(ref, mb.eps).reshape(1, channels, 1, 1))
             over = n("Div", [n("Max", [mu, ref_c], "ref_floor"), ref_c], "ref_ratio")  # max(mu/R, 1)
             largest_over = n.reduce(over, "ReduceMax", [1, 2, 3], "ref_ratio_max", keepdims=1)
             mean_part = n("Log", [largest_over], "mean_score")
         if mb.lo is not None:
-            lo = np.asarray(mb.lo, dtype=np.float64).reshape(-1)
-            if lo.shape != (channels,) or not np.isfinite(lo).all() or (lo < 0).any():
-                raise RewriteError(f"channel-mean low reference of '{n.tap}' must be {channels} finite values >= 0")
+            lo = _per_channel(mb.lo, channels, f"channel-mean low reference of '{n.tap}'")
             # A channel whose clean minimum is at or below eps gives max(L, eps) / max(mu, eps) <= 1:
             # no evidence, however low its mean goes.
             low_c = n.const("mean_lo", np.maximum(lo, mb.eps).reshape(1, channels, 1, 1))
@@ -245,9 +247,7 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
         if low_part is not None:
             parts.append(low_part)
     if gated:
-        g_hi = np.asarray(mb.gate_hi, dtype=np.float64).reshape(-1)
-        if g_hi.shape != (channels,) or not np.isfinite(g_hi).all() or (g_hi < 0).any():
-            raise RewriteError(f"gate bound of '{n.tap}' must be {channels} finite values >= 0")
+        g_hi = _per_channel(mb.gate_hi, channels, f"gate bound of '{n.tap}'")
         evidence = n("Mul", [mean_part, n.const("gate_scale", 1.0 / gate.scale)], "gate_part")
         if gate.before is not None:
             evidence = n("Add", [gate.before, evidence], "gate_evidence")
