@@ -158,7 +158,7 @@ CLAMP_SETTINGS = (
     ("clamp v2", "auto + gate, upper evidence against the bound only (last release's default)",
      dict(low_evidence=False, evidence_quantile=None, fold_reference=False)),
     ("clamp v2", "auto + gate, --evidence-quantile 99.5", dict(evidence_quantile=99.5)),
-    ("clamp v2", "**auto (default)**", dict(score_output=True)),
+    ("clamp v2", "**auto (default)**", dict(score_output=True, gate_output=True)),
 )
 
 
@@ -193,13 +193,42 @@ def score_auroc(case: Case, proto) -> tuple[float, float]:
     return auroc(neg, pos), neg
 
 
+def refusal(case: Case, proto) -> str:
+    """What a deployment that refuses the images the gate flags (``--gate-output``) would see: the
+    share of clean and of triggered (non-target) test images flagged, the ASR over all triggered
+    images counting refused ones as not attacked, and the clean accuracy counting refused ones as wrong."""
+    from onnx_linf.measure.calibrate import model_tensor
+    from onnx_linf.measure.session import create_session
+    from onnx_linf.rewrite.clamp import GATED_OUTPUT
+
+    session = create_session(case.model, proto, "cpu")
+    output = case.model.proto.graph.output[0].name
+    flagged, correct, hit, attacked = [], [], [], []
+    for batch in case.test.batches(256):
+        logits, gated = session.run([output, GATED_OUTPUT], model_tensor(batch, case.preprocess))
+        flagged.append(gated)
+        correct.append((logits.argmax(1) == batch.labels) & ~gated)
+        keep = batch.labels != case.target
+        logits, gated = session.run([output, GATED_OUTPUT], model_tensor(batch, case.preprocess, case.trigger))
+        attacked.append(gated[keep])
+        hit.append(((logits.argmax(1) == case.target) & ~gated)[keep])
+    share = lambda parts: 100 * float(np.concatenate(parts).mean())  # noqa: E731
+    return (f"gate flags {share(flagged):.1f}% of clean and {share(attacked):.1f}% of triggered test images; "
+            f"refusing them: ASR {share(hit):.1f}%, clean accepted and correct {share(correct):.1f}%")
+
+
 def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> list[Row]:
     from onnx_linf.commands.clamp import ClampConfig, clamp
+    from onnx_linf.errors import UsageError
 
     rows = []
     for defence, label, options in CLAMP_SETTINGS[-3:] if default_only else CLAMP_SETTINGS:
         t0 = time.perf_counter()
-        result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
+        try:
+            result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
+        except UsageError:  # --gate-output where the budget left the gate out
+            options = {k: v for k, v in options.items() if k != "gate_output"}
+            result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
         seconds = time.perf_counter() - t0
         acc, asr = measure(case, result.proto)
         s = result.report.strength
@@ -211,6 +240,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             thr = result.report.score["threshold_1pct"]
             far = float((clean_scores_ > thr).mean()) if thr is not None else float("nan")
             detail += f"; score AUROC {area:.3f}, clean test above the 1% threshold: {100 * far:.1f}%"
+        if options.get("gate_output") and case.trigger is not None:
+            detail += "; " + refusal(case, result.proto)
         rows.append(Row(defence, label, acc, asr, detail))
     if not grid:
         return rows

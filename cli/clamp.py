@@ -74,6 +74,9 @@ def clamp_command(
     score_output: Annotated[bool, typer.Option("--score-output", help="Add the graph output onnx_linf_score "
                                                "[N]: a per-image anomaly score from the same forward pass.")]
     = False,
+    gate_output: Annotated[bool, typer.Option("--gate-output", help="Add the graph output onnx_linf_gated [N] "
+                                              "(bool): the images the score gate flagged, for a deployment to "
+                                              "refuse (their predictions are not their class).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")]
     = False,
     eval_data: EvalData = None,
@@ -116,7 +119,7 @@ def clamp_command(
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,
                              low_evidence=low_evidence, evidence_quantile=parse_evidence_quantile(evidence_quantile),
-                             score_output=score_output)
+                             score_output=score_output, gate_output=gate_output)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -200,7 +203,8 @@ def gate_line(gate: dict) -> str:
              if low is not None else "")
     return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} "
             f"({held}){below} "
-            f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})")
+            f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})"
+            + (f"; output [bold]{gate['output']}[/] names them" if gate.get("output") else ""))
 
 
 def parse_evidence_quantile(value: str) -> float | None:

@@ -3,6 +3,7 @@ cross-fit's determinism, the score output, and the default clamp on the digits f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -397,3 +398,44 @@ def test_cli_excess_folds_at_q100_clips_below_and_refuses_unknown_values(fixture
     assert ops.count("Sub") == ops.count("Min") == 3  # one fold per map (digits: 3 maps)
     bad = runner.invoke(app, args + ["-o", str(tmp_path / "d.onnx"), "--excess", "reflect"])
     assert bad.exit_code == 2 and "--excess must be" in bad.output and not (tmp_path / "d.onnx").exists()
+
+
+def test_gate_output_names_exactly_the_images_the_gate_changes(model_file, pixels_file):
+    """--gate-output: the exported model gains the bool [N] output onnx_linf_gated, its logits are those
+    of the model without it, and at strength 100 the images it names are exactly those whose outputs
+    differ from the original's (the gate's response is the only change there)."""
+    from onnx_linf.rewrite.clamp import GATED_OUTPUT
+
+    path = model_file(models.plain_cnn())
+    calib = pixels_file(1000, 8, 8, 3)
+    config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, evidence_quantile=99.5)
+    plain = clamp(path, calib, config)
+    result = clamp(path, calib, dataclasses.replace(config, gate_output=True))
+    assert result.report.verification["ok"] and result.report.strength["gate"]["output"] == GATED_OUTPUT
+    assert [o.name for o in result.proto.graph.output] == [o.name for o in plain.proto.graph.output] + [GATED_OUTPUT]
+    model = load_model(path)
+    x = Preprocess.from_model(model).apply(np.load(calib))
+    logits, gated = create_session(model, result.proto, "cpu").run(None, x)
+    assert gated.dtype == np.bool_ and gated.shape == (1000,)
+    np.testing.assert_array_equal(logits, create_session(model, plain.proto, "cpu").run(None, x)[0])
+    before = create_session(model, None, "cpu").run(None, x)[0]
+    changed = ~np.isclose(logits, before, rtol=1e-4, atol=1e-4).all(axis=1)
+    assert 0 < gated.sum() < 1000 and np.array_equal(changed, gated)
+
+
+def test_gate_output_is_refused_where_no_gate_is_kept(model_file, pixels_file, fixtures_dir, tmp_path):
+    for bad in (dict(strength=99.0), dict(gate=None), dict(bounds=("position",))):
+        with pytest.raises(UsageError, match="--gate-output needs the score gate"):
+            ClampConfig(gate_output=True, **bad).validate()
+    path = model_file(models.plain_cnn())
+    calib = pixels_file(1000, 8, 8, 3)
+    out = tmp_path / "never.onnx"
+    with pytest.raises(UsageError, match="the score gate was left out"):  # 20% gated cannot fit a zero budget
+        clamp(path, calib, ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.0,
+                                       gate_output=True), output=out)
+    assert not out.exists()
+    r = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib",
+                            str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "x.onnx"), "--gate-output",
+                            "--strength", "99"])
+    assert r.exit_code == 2 and "--gate-output needs the score gate" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.onnx").exists()

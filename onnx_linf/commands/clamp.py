@@ -156,6 +156,10 @@ class ClampConfig:
     gate_alarm: float = DEFAULT_GATE_ALARM
     """Gate threshold: at most this share of new clean images may score above it, with 95% confidence
     (`decide.strength.gate_threshold`: a distribution-free tolerance bound on the held-out scores)."""
+    gate_output: bool = False
+    """Add the bool ``[N]`` output ``onnx_linf_gated``: the images the gate flagged. A flagged image's
+    prediction is that of an image whose channels were pushed to clean averages (mostly not its
+    class), so a deployment that can refuse inputs should refuse these; refused when no gate is kept."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -163,6 +167,8 @@ class ClampConfig:
             raise UsageError(f"--granularity must be position or channel, got {self.granularity!r}")
         if not (self.gate is None or self.gate == "mean" or (_quantile_gate(self.gate) and 0 < self.gate <= 100)):
             raise UsageError(f"--gate must be 'mean', a quantile in (0, 100] or off, got {self.gate!r}")
+        if self.gate_output and (self.gate is None or self.strength != "auto" or "channel-mean" not in self.bounds):
+            raise UsageError("--gate-output needs the score gate: --gate on, --strength auto, the channel-mean bound")
         if not 0 < self.gate_alarm < 0.5:
             raise UsageError(f"the gate's false-alarm share must be in (0, 0.5), got {self.gate_alarm}")
         if self.evidence_quantile is not None and not 0 < self.evidence_quantile < 100:
@@ -298,6 +304,11 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         strength["forwards"] += len(source) * len(strength["gate"]["tried"])
         if gate is None:
             notes.append("score gate left out: " + strength["gate"]["reason"])
+        elif config.gate_output:
+            strength["gate"]["output"] = GATED_OUTPUT
+    if config.gate_output and gate is None:
+        why = strength["gate"]["reason"] if auto and "gate" in strength else "too few calibration images"
+        raise UsageError(f"--gate-output: the score gate was left out ({why}); there is nothing to output")
         strength["quantile"] = chosen
     elif config.gate is not None and config.mean_bounds and not auto:
         notes.append("score gate left out: it needs the cross-fitted strength (--strength auto) and enough images")
@@ -311,19 +322,21 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         final = with_gate(final, plans, stats, len(source), config.gate)
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
                                 gate_threshold=None if gate is None else gate[0],
-                                gate_low_threshold=None if gate is None else gate[1], excess=config.excess_kind)
+                                gate_low_threshold=None if gate is None else gate[1], excess=config.excess_kind,
+                                gate_output=config.gate_output)
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
     # Where every bound is a maximum over the calibration images, the clamp is the identity on
     # them, so the original model is the reference. Otherwise it is not meant to be: the check then
     # covers structure and loading, and the agreement gate below how many predictions changed.
-    extra = (SCORE_OUTPUT,) if config.score_output else ()
+    extra = ((SCORE_OUTPUT,) if config.score_output else ()) + ((GATED_OUTPUT,) if config.gate_output else ())
     checked = inputs
     if identity and gate is not None:
         # A graded gate may flag a calibration image even at strength 100; it changes such images by
         # design, so the identity is checked on the others (the gate flags ~`gate_alarm` of them).
-        flagged, _ = clamp_maps(editable, final, score_scales=scales or None, gate_threshold=gate[0],
-                                gate_low_threshold=gate[1], excess=config.excess_kind, gate_output=True)
+        flagged = proto if config.gate_output else clamp_maps(
+            editable, final, score_scales=scales or None, gate_threshold=gate[0], gate_low_threshold=gate[1],
+            excess=config.excess_kind, gate_output=True)[0]
         checked, gated, total = _ungated(editable, flagged, inputs, config.provider)
         if gated:
             notes.append(f"verified as the identity on {total - gated} of {total} calibration images: the score "
