@@ -59,9 +59,11 @@ def clamp_command(
                                       "their channel means bounded at this percentile of clean ones (or 'mean': "
                                       "their average) from that map on; 'off' for none. Needs --strength auto.")]
     = _gate_default(),
-    gate_alarm: Annotated[float, typer.Option(help="--gate: the largest share of new clean images allowed "
-                                              "above the gate threshold (held with 95% confidence: a tolerance "
-                                              "bound on the held-out calibration scores).")] = ClampConfig.gate_alarm,
+    gate_alarm: Annotated[str, typer.Option(help="--gate: the largest share of new clean images allowed "
+                                            "above the gate threshold (held with 95% confidence: a tolerance "
+                                            "bound on the held-out calibration scores); comma-separated: tried "
+                                            "largest first, the first within the budget kept.")]
+    = ",".join(f"{a:g}" for a in ClampConfig().gate_alarms),
     low_evidence: Annotated[bool, typer.Option("--low-evidence/--no-low-evidence",
                                                help="The score and the gate also read how far an image's "
                                                "channel means fall below the smallest clean ones (triggers "
@@ -117,7 +119,7 @@ def clamp_command(
                              preprocess=pp,
                              min_agreement=min_agreement, engine=o.engine_options(ray, ray_workers, ray_gpus),
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
-                             slack=strength_budget, gate=parse_gate(gate), gate_alarm=gate_alarm,
+                             slack=strength_budget, gate=parse_gate(gate), gate_alarm=parse_alarms(gate_alarm),
                              low_evidence=low_evidence, evidence_quantile=parse_evidence_quantile(evidence_quantile),
                              score_output=score_output, gate_output=gate_output)
         m = load_model(model)
@@ -172,6 +174,14 @@ def bounds_table(report: ClampReport) -> Table:
 def parse_bounds(value: str) -> tuple[str, ...]:
     """'position,channel-mean' -> ('position', 'channel-mean')."""
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def parse_alarms(value: str) -> tuple[float, ...]:
+    """'0.01,0.005' -> (0.01, 0.005); ranges are checked by `ClampConfig.validate`."""
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--gate-alarm takes shares in (0, 0.5), comma-separated, got {value!r}") from None
 
 
 def parse_gate(value: str) -> float | str | None:

@@ -214,7 +214,10 @@ def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
     assert gate["tried"][0]["quantile"] == gate["strength_without_gate"]
     if gate["kept"]:  # deployed at the strength where the gated rewrite fitted the budget
         assert gate["tried"][-1]["quantile"] == a.report.strength["quantile"] and gate["threshold"] >= 0
-        assert gate["confidence"] == pytest.approx(1 - 0.995 ** 40)  # 40 held-out images: the largest score
+        assert gate["alarm"] == gate["tried"][-1]["alarm"] and gate["alarm"] in gate["alarms"] == [0.01, 0.005]
+        # 40 held-out images: both alarms give the largest score, so only the first is tried per strength
+        assert gate["confidence"] == pytest.approx(1 - 0.99 ** 40)
+        assert [t["alarm"] for t in gate["tried"]] == [0.01] * len(gate["tried"])
     assert a.report.strength["forwards"] == 40 * (1 + len(a.report.strength["candidates"]) + len(gate["tried"]))
     has_gate_nodes = any("gate_hit" in o for n in a.proto.graph.node for o in n.output)
     assert has_gate_nodes == gate["kept"]
@@ -351,7 +354,7 @@ def test_cli_gate_on_by_default_and_off_on_request(fixtures_dir, tmp_path):
             "--json", "-", "-q"]
     on = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx")]).stdout)
     off = json.loads(runner.invoke(app, args + ["-o", str(tmp_path / "b.onnx"), "--gate", "off"]).stdout)
-    assert on["strength"]["gate"]["quantile"] == "mean" and on["strength"]["gate"]["alarm"] == 0.005
+    assert on["strength"]["gate"]["quantile"] == "mean" and on["strength"]["gate"]["alarm"] == 0.01
     assert "gate" not in off["strength"]
     assert on["strength"]["forwards"] > off["strength"]["forwards"]  # the gate's held-out pass(es)
 
@@ -439,3 +442,30 @@ def test_gate_output_is_refused_where_no_gate_is_kept(model_file, pixels_file, f
                             "--strength", "99"])
     assert r.exit_code == 2 and "--gate-output needs the score gate" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_gate_falls_back_to_the_smaller_alarm_before_a_weaker_strength(model_file, pixels_file):
+    """Alarms are tried largest first at each strength: 20% gated cannot fit a zero budget, the
+    largest held-out score (no held-out image above it) can, at the same strength."""
+    path = model_file(models.plain_cnn())
+    calib = pixels_file(1000, 8, 8, 3)
+    result = clamp(path, calib, ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=(0.002, 0.2),
+                                            slack=0.0))
+    gate = result.report.strength["gate"]
+    assert gate["alarms"] == [0.2, 0.002] and [t["alarm"] for t in gate["tried"]] == [0.2, 0.002]
+    assert gate["kept"] and gate["alarm"] == 0.002 and gate["threshold"] == gate["tried"][1]["threshold"]
+    assert gate["tried"][0]["estimated_drop"] > gate["tried"][1]["estimated_drop"]
+    assert gate["tried"][0]["threshold"] < gate["threshold"]
+    assert gate["confidence"] == pytest.approx(1 - 0.998 ** 1000)
+
+
+def test_cli_gate_alarm_takes_a_list(fixtures_dir, tmp_path):
+    args = ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib", str(fixtures_dir / "digits_calib"),
+            "-o", str(tmp_path / "a.onnx"), "--json", "-", "-q"]
+    r = runner.invoke(app, args + ["--gate-alarm", "0.002,0.3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["strength"]["gate"]["alarms"] == [0.3, 0.002]
+    for bad in ("0.6", "x", ""):
+        r = runner.invoke(app, args + ["--force", "--gate-alarm", bad])
+        assert r.exit_code == 2 and ("--gate-alarm" in r.output or "false-alarm shares" in r.output), r.output
+        assert "Traceback" not in r.output

@@ -63,19 +63,16 @@ BOUND_KINDS = ("position", "channel-mean")
 DEFAULT_POWER = 6.0
 #: Score gate defaults (see `ClampConfig.gate`).
 DEFAULT_GATE = "mean"
-#: At most 0.5% of clean images gated, with 95% confidence (`decide.strength.gate_threshold`: from
-#: 1,000 calibration images, the second largest held-out score). Chosen on vgg_clean, vgg_sig and
-#: resnet_sig (README, "Clamp"): 0.3% (the largest score) left VGG SIG at 9.9% ASR, 0.7% and
-#: 1% cost the clean VGG 0.3 and 0.8 pt.
-DEFAULT_GATE_ALARM = 0.005
+#: Gate false-alarm shares to try, largest first (`ClampConfig.gate_alarm`; each held with 95%
+#: confidence, `decide.strength.gate_threshold`). 0.005 alone (the previous default) let 18-26% of
+#: the Blended models' triggered images through unflagged; at 0.01 the gate flagged 93-99% of every
+#: Blended and SIG model's, for 0.4-0.9% of clean images (README, "The gate's alarm"). A gated image
+#: is pushed to clean averages and mostly loses its class: `gate_output` lets a deployment refuse it.
+DEFAULT_GATE_ALARM = (0.01, 0.005)
 #: Quantile the channel-mean evidence is graded against when the cross-fit chose a strength above it
-#: (`ClampConfig.evidence_quantile`); None by default. Against the bound at q 100 (the clean
-#: maximum) a triggered image scores only once it passes every calibration image's mean at some
-#: channel, and grading it against q 99.5 looked like the fix: on a retrained CIFAR VGG Blended
-#: (q 100 chosen) 13.4 -> 1.8% ASR. On the ResNet-8 Blended of the same retraining it went the
-#: other way, 16.3 -> 33.2% (the graded parts' held-out scales grow, and the triggered images'
-#: scaled evidence with them shrinks: 72% of them gated ungraded, 16% graded). A mixed result is
-#: not a default; it stays an option.
+#: (`ClampConfig.evidence_quantile`); None by default: on two retrained models it cut the ASR
+#: (VGG Blended 13.4 -> 1.8%), on two others it raised it (ResNet-8 Blended 16.3 -> 33.2%: the graded
+#: parts' held-out scales grow and the triggered images' scaled evidence shrinks). An option.
 DEFAULT_EVIDENCE_QUANTILE = None
 #: What the position clamp does to a value above its bound (README, "Fold instead of clip"):
 #: ``auto`` folds at ``--quantile 100``, where a value above the bound is above everything clean
@@ -153,9 +150,10 @@ class ClampConfig:
     """``auto``: where the chosen strength is above this quantile, the channel-mean score parts (and
     the gate) are graded against this quantile of clean channel means instead of the bound (None:
     the bound). Fixed strengths always use the bound."""
-    gate_alarm: float = DEFAULT_GATE_ALARM
+    gate_alarm: float | tuple[float, ...] = DEFAULT_GATE_ALARM
     """Gate threshold: at most this share of new clean images may score above it, with 95% confidence
-    (`decide.strength.gate_threshold`: a distribution-free tolerance bound on the held-out scores)."""
+    (`decide.strength.gate_threshold`: a distribution-free tolerance bound on the held-out scores);
+    several: tried largest first at each strength, the first within the budget kept."""
     gate_output: bool = False
     """Add the bool ``[N]`` output ``onnx_linf_gated``: the images the gate flagged. A flagged image's
     prediction is that of an image whose channels were pushed to clean averages (mostly not its
@@ -169,8 +167,8 @@ class ClampConfig:
             raise UsageError(f"--gate must be 'mean', a quantile in (0, 100] or off, got {self.gate!r}")
         if self.gate_output and (self.gate is None or self.strength != "auto" or "channel-mean" not in self.bounds):
             raise UsageError("--gate-output needs the score gate: --gate on, --strength auto, the channel-mean bound")
-        if not 0 < self.gate_alarm < 0.5:
-            raise UsageError(f"the gate's false-alarm share must be in (0, 0.5), got {self.gate_alarm}")
+        if not self.gate_alarms or not all(0 < a < 0.5 for a in self.gate_alarms):
+            raise UsageError(f"the gate's false-alarm shares must be in (0, 0.5), got {self.gate_alarm}")
         if self.evidence_quantile is not None and not 0 < self.evidence_quantile < 100:
             raise UsageError(f"the evidence quantile must be in (0, 100) or None, got {self.evidence_quantile}")
         if self.margin < 0:
@@ -190,6 +188,12 @@ class ClampConfig:
             raise UsageError(f"--strength auto needs at least 2 folds, got {self.folds}")
         validate_grid(self.strength_grid)
         choose([StrengthRow(100.0, 0.0, 0.0, 0.0)], self.rule, self.slack)  # rule and slack
+
+    @property
+    def gate_alarms(self) -> tuple[float, ...]:
+        """`gate_alarm` as candidates, largest first."""
+        alarms = self.gate_alarm if isinstance(self.gate_alarm, tuple) else (self.gate_alarm,)
+        return tuple(sorted({float(a) for a in alarms}, reverse=True))
 
     @property
     def excess_kind(self) -> str:
@@ -450,28 +454,32 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
     """
     reference = next(r for r in rows if r.quantile == 100.0)
     tried = []
+    report = {"quantile": config.gate, "alarms": list(config.gate_alarms)}
     for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
-        threshold, confidence = gate_threshold(row, config.gate_alarm)
-        if not np.isfinite(threshold):
-            break
-        low = low_gate_threshold(row) if config.low_evidence else None
-        gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
-                               threshold, position_quantile=config.quantile, margin=config.margin,
-                               power=config.power, provider=config.provider, progress=progress,
-                               excess=config.excess_kind, evidence=config.evidence(True), low_threshold=low)
-        tried.append(dict(_candidate(gated), threshold=threshold, low_threshold=low))
-        if within_budget(gated, reference, config.rule, config.slack):
-            return row.quantile, (threshold, low), {
-                "quantile": config.gate, "alarm": config.gate_alarm, "threshold": threshold,
-                "confidence": confidence, "low_threshold": low, "kept": True, "strength_without_gate": chosen,
-                "tried": tried, "rule": GATE_RULE}
-    return chosen, None, {"quantile": config.gate, "alarm": config.gate_alarm, "threshold": None, "kept": False,
-                          "strength_without_gate": chosen, "tried": tried, "rule": GATE_RULE,
-                          "reason": "with the gate, no strength kept the held-out cost within the budget"}
+        seen = set()
+        for alarm in config.gate_alarms:
+            threshold, confidence = gate_threshold(row, alarm)
+            if not np.isfinite(threshold) or threshold in seen:  # few images: two alarms, one threshold
+                continue
+            seen.add(threshold)
+            low = low_gate_threshold(row) if config.low_evidence else None
+            gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
+                                   threshold, position_quantile=config.quantile, margin=config.margin,
+                                   power=config.power, provider=config.provider, progress=progress,
+                                   excess=config.excess_kind, evidence=config.evidence(True), low_threshold=low)
+            tried.append(dict(_candidate(gated), alarm=alarm, threshold=threshold, low_threshold=low))
+            if within_budget(gated, reference, config.rule, config.slack):
+                return row.quantile, (threshold, low), dict(
+                    report, alarm=alarm, threshold=threshold, confidence=confidence, low_threshold=low, kept=True,
+                    strength_without_gate=chosen, tried=tried, rule=GATE_RULE)
+    return chosen, None, dict(report, alarm=None, threshold=None, kept=False, strength_without_gate=chosen,
+                              tried=tried, rule=GATE_RULE,
+                              reason="with the gate, no strength kept the held-out cost within the budget")
 
 
-GATE_RULE = ("the strongest strength, from the chosen one up to q 100, at which the gated rewrite's held-out "
-             "cost stays within the strength's budget (the cost at q 100 plus the slack); no gate when none does")
+GATE_RULE = ("the strongest strength, from the chosen one up to q 100, and at it the largest alarm, at which the gated "
+             "rewrite's held-out cost stays within the strength's budget (the cost at q 100 plus the slack); no gate "
+             "when none does")
 
 
 def _distribution(scores: tuple[float, ...]) -> dict | None:
