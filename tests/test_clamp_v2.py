@@ -444,7 +444,7 @@ def test_gate_output_is_refused_where_no_gate_is_kept(model_file, pixels_file, f
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_gate_falls_back_to_the_smaller_alarm_before_a_weaker_strength(model_file, pixels_file):
+def test_gate_falls_back_to_the_smaller_alarm_where_the_larger_fits_no_strength(model_file, pixels_file):
     """Alarms are tried largest first at each strength: 20% gated cannot fit a zero budget, the
     largest held-out score (no held-out image above it) can, at the same strength."""
     path = model_file(models.plain_cnn())

@@ -448,20 +448,21 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
     how they were chosen.
 
     The gate shares the strength's budget (held-out cost at most the cost at q 100 plus the slack).
-    Tried at the chosen strength first; when the two together exceed the budget, at the next weaker
-    strength, and so on up to q 100: measured, the gate removes far more of a full-image backdoor
-    than one step of strength does (VGG SIG: 48% ASR at q 99 without it, 4-8% with it at q 99-99.5).
+    Each alarm, largest first, is tried at the chosen strength, then at the next weaker one, up to
+    q 100, before the next alarm: the gate removes more of a full-image backdoor than one step of
+    strength does (VGG SIG: 48% ASR at q 99 without it, 4-8% with it; 1.4% at q 100 and alarm 1%
+    against 5.5% at q 99.5 and 0.5%, which the other order picked).
     """
     reference = next(r for r in rows if r.quantile == 100.0)
     tried = []
     report = {"quantile": config.gate, "alarms": list(config.gate_alarms)}
-    for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
-        seen = set()
-        for alarm in config.gate_alarms:
+    seen = set()
+    for alarm in config.gate_alarms:
+        for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
             threshold, confidence = gate_threshold(row, alarm)
-            if not np.isfinite(threshold) or threshold in seen:  # few images: two alarms, one threshold
+            if not np.isfinite(threshold) or (row.quantile, threshold) in seen:  # few images: one threshold
                 continue
-            seen.add(threshold)
+            seen.add((row.quantile, threshold))
             low = low_gate_threshold(row) if config.low_evidence else None
             gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
                                    threshold, position_quantile=config.quantile, margin=config.margin,
@@ -477,7 +478,7 @@ def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, pre
                               reason="with the gate, no strength kept the held-out cost within the budget")
 
 
-GATE_RULE = ("the strongest strength, from the chosen one up to q 100, and at it the largest alarm, at which the gated "
+GATE_RULE = ("the largest alarm, and at it the strongest strength from the chosen one up to q 100, at which the gated "
              "rewrite's held-out cost stays within the strength's budget (the cost at q 100 plus the slack); no gate "
              "when none does")
 
