@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from onnx_linf.commands.clamp import DEFAULT_POWER, ClampConfig, clamp
+from onnx_linf.commands.clamp import DEFAULT_POWER, GATED_OUTPUT, ClampConfig, clamp
 from onnx_linf.commands.common import MIN_AGREEMENT
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.accuracy import before_after, open_labelled
@@ -130,7 +130,7 @@ def clamp_command(
             preprocess = pp.resolve(m)
             trig = Trigger.from_files(trigger, mask, preprocess)
             ev = before_after(m, result.proto, open_labelled(eval_data, preprocess), preprocess, trigger=trig,
-                              target=target, provider=provider)
+                              target=target, provider=provider, refusal=GATED_OUTPUT if gate_output else None)
             report = dataclasses.replace(report, evaluation={k: v.to_dict() for k, v in ev.items()})
         write_json(json_out, report.to_json())
         write_summary(summary, report)

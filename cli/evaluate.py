@@ -28,9 +28,17 @@ def evaluation_table(rows: list[tuple[str, Evaluation]]) -> Table:
     table.add_column("images", justify="right")
     table.add_column("clean ACC", justify="right")
     table.add_column("ASR", justify="right")
+    refusing = any(ev.refused is not None for _, ev in rows)
+    if refusing:
+        for col in ("refused: clean / triggered", "refusing them: accepted and correct / ASR"):
+            table.add_column(col, justify="right")
+    pct = lambda v, f=".1f": "—" if v is None else f"{100 * v:{f}}%"  # noqa: E731
     for name, ev in rows:
         asr = "—" if ev.asr is None else f"{100 * ev.asr:.1f}% (of {ev.asr_images})"
-        table.add_row(name, str(ev.images), f"{100 * ev.accuracy:.2f}%", asr)
+        extra = ([f"{pct(ev.refused)} / {pct(ev.refused_triggered)}",
+                  f"{pct(ev.accepted_correct, '.2f')} / {pct(ev.asr_accepted)}"]
+                 if ev.refused is not None else ["", ""]) if refusing else []
+        table.add_row(name, str(ev.images), f"{100 * ev.accuracy:.2f}%", asr, *extra)
     return table
 
 

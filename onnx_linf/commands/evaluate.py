@@ -12,6 +12,7 @@ from ..measure.engine import EngineOptions
 from ..measure.preprocess import Trigger
 from ..model.load import Model, load_model
 from ..report.types import EvaluationReport
+from ..rewrite.clamp import GATED_OUTPUT
 from .common import make_engine
 from .options import PreprocessOptions
 
@@ -34,7 +35,8 @@ def evaluate_model(model_path: str | os.PathLike | Model, data: str | os.PathLik
     """Measure clean accuracy and, with `trigger` (and `mask`) and `target`, the attack success rate.
 
     ASR = fraction of images whose true label is not the target that are classified as the target
-    after the trigger is stamped.
+    after the trigger is stamped. A model with the clamp's gate output (``onnx_linf_gated``) is also
+    measured as a deployment that refuses the inputs it names (`Evaluation.refused` and after).
 
     Raises:
         UsageError: `mask` without `trigger`, or `trigger` without `target` (or the reverse).
@@ -48,8 +50,9 @@ def evaluate_model(model_path: str | os.PathLike | Model, data: str | os.PathLik
     pre = (preprocess or PreprocessOptions()).resolve(model)
     trig = Trigger.from_files(trigger, mask, pre) if trigger is not None else None
     source = open_labelled(data, pre, limit)
+    refusal = GATED_OUTPUT if GATED_OUTPUT in [o.name for o in model.proto.graph.output] else None
     result = evaluate(model, source, pre, trigger=trig, target=target, batch_size=batch_size, provider=provider,
-                      progress=progress, engine=make_engine(engine))
+                      progress=progress, engine=make_engine(engine), refusal=refusal)
     report = EvaluationReport(model=str(model_path if not isinstance(model_path, Model) else model.path),
                               sha256=model.sha256, data=str(data), preprocess=pre.to_dict(),
                               evaluation=result.to_dict())

@@ -40,6 +40,15 @@ class Evaluation:
     """Trigger description."""
     provider: str
     """ONNX Runtime provider that ran."""
+    refused: float | None = None
+    """With a refusal output (a bool ``[N]`` output naming inputs a deployment refuses, such as the
+    clamp's ``onnx_linf_gated``): the share of clean images it refused; None without one."""
+    accepted_correct: float | None = None
+    """The share of clean images accepted and classified correctly (a refused one counts as wrong)."""
+    refused_triggered: float | None = None
+    """The share of the ASR's triggered images it refused."""
+    asr_accepted: float | None = None
+    """The share of the ASR's triggered images accepted *and* classified as the target."""
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -68,10 +77,16 @@ class Counts:
     hits: int = 0
     counted: int = 0
     provider: str = ""
+    refused: int = 0
+    accepted_correct: int = 0
+    refused_triggered: int = 0
+    accepted_hits: int = 0
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(self.correct + other.correct, self.total + other.total, self.hits + other.hits,
-                      self.counted + other.counted, self.provider or other.provider)
+                      self.counted + other.counted, self.provider or other.provider, self.refused + other.refused,
+                      self.accepted_correct + other.accepted_correct,
+                      self.refused_triggered + other.refused_triggered, self.accepted_hits + other.accepted_hits)
 
 
 @dataclass(frozen=True)
@@ -80,31 +95,43 @@ class AccuracyJob:
 
     trigger: Trigger | None = None
     target: int | None = None
+    refusal: str | None = None
+    """Name of a bool ``[N]`` output of the model: True = the deployment refuses that input."""
 
     def run(self, session: Session, source: DataSource, preprocess: Preprocess, batch_size: int,
             progress: Progress | None = None) -> Counts:
         progress = progress or Progress()
         progress.start("evaluate", len(source))
-        correct = total = hits = counted = 0
+        c = np.zeros(8, dtype=np.int64)  # the counts of `Counts`, in its order, provider left out
         target = self.target
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if self.refusal is None:
+                logits = session.run(None, x)[0]
+                return logits, np.zeros(len(logits), dtype=bool)
+            logits, refused = session.run([session.inner.get_outputs()[0].name, self.refusal], x)
+            return logits, np.asarray(refused, dtype=bool).reshape(-1)
         try:
             for batch in source.batches(batch_size):
-                logits = session.run(None, model_tensor(batch, preprocess))[0]
+                logits, refused = run(model_tensor(batch, preprocess))
                 if target is not None and not 0 <= target < logits.shape[-1]:
                     raise UsageError(f"--target {target} is not a class of this model (0..{logits.shape[-1] - 1})")
                 labels = batch.labels
-                correct += int((logits.argmax(axis=-1) == labels).sum())
-                total += len(labels)
+                right = logits.argmax(axis=-1) == labels
+                c[[0, 1, 4, 5]] += (int(right.sum()), len(labels), int(refused.sum()), int((right & ~refused).sum()))
                 if self.trigger is not None:
                     keep = labels != target
                     if keep.any():
-                        stamped = session.run(None, model_tensor(batch, preprocess, self.trigger))[0]
-                        hits += int((stamped.argmax(axis=-1)[keep] == target).sum())
-                        counted += int(keep.sum())
+                        stamped, refused = run(model_tensor(batch, preprocess, self.trigger))
+                        hit = (stamped.argmax(axis=-1) == target)[keep]
+                        refused = refused[keep]
+                        c[[2, 3, 6, 7]] += (int(hit.sum()), int(keep.sum()), int(refused.sum()),
+                                            int((hit & ~refused).sum()))
                 progress.advance(len(labels))
         finally:
             progress.finish()
-        return Counts(correct, total, hits, counted, session.provider)
+        n = [int(v) for v in c]
+        return Counts(*n[:4], session.provider, *n[4:])
 
     def merge(self, a: Counts, b: Counts) -> Counts:
         return a + b
@@ -112,7 +139,8 @@ class AccuracyJob:
 
 def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger: Trigger | None = None,
              target: int | None = None, proto: onnx.ModelProto | None = None, batch_size: int = 64,
-             provider: str = "auto", progress: Progress | None = None, engine: Engine | None = None) -> Evaluation:
+             provider: str = "auto", progress: Progress | None = None, engine: Engine | None = None,
+             refusal: str | None = None) -> Evaluation:
     """Measure clean accuracy and, with a trigger and target, the attack success rate.
 
     Args:
@@ -126,6 +154,8 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
         provider: ORT provider.
         progress: progress sink.
         engine: where the images run (default: this process); counts merge exactly.
+        refusal: a bool ``[N]`` output of the model naming the inputs a deployment refuses (the
+            clamp's ``--gate-output``): also measure what refusing them gives.
 
     Raises:
         UsageError: a trigger without a target, or a target outside the model's classes.
@@ -136,8 +166,9 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
     if (trigger is None) != (target is None):
         raise UsageError("--trigger and --target go together")
     engine = engine or LocalEngine()
-    c = engine.run(AccuracyJob(trigger, target), SessionSpec(model, proto, provider), data, preprocess, batch_size,
-                   progress)
+    c = engine.run(AccuracyJob(trigger, target, refusal), SessionSpec(model, proto, provider), data, preprocess,
+                   batch_size, progress)
+    share = lambda k, n: None if refusal is None else (k / n if n else float("nan"))  # noqa: E731
     return Evaluation(
         images=c.total,
         accuracy=c.correct / c.total if c.total else float("nan"),
@@ -146,6 +177,10 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
         target=target,
         trigger=None if trigger is None else trigger.description,
         provider=c.provider,
+        refused=share(c.refused, c.total),
+        accepted_correct=share(c.accepted_correct, c.total),
+        refused_triggered=share(c.refused_triggered, c.counted) if trigger is not None else None,
+        asr_accepted=share(c.accepted_hits, c.counted) if trigger is not None else None,
     )
 
 
@@ -160,11 +195,12 @@ def predictions(model: Model, data: DataSource, preprocess: Preprocess, *, proto
 
 def before_after(model: Model, rewritten: onnx.ModelProto, data: DataSource, preprocess: Preprocess, *,
                  trigger: Trigger | None = None, target: int | None = None, batch_size: int = 64,
-                 provider: str = "auto") -> dict[str, Evaluation]:
-    """Evaluate the original model and a rewritten one on the same data: ``{"before": .., "after": ..}``."""
+                 provider: str = "auto", refusal: str | None = None) -> dict[str, Evaluation]:
+    """Evaluate the original model and a rewritten one on the same data: ``{"before": .., "after": ..}``
+    (`refusal`: a refusal output of the rewritten one, see `evaluate`)."""
     return {
         "before": evaluate(model, data, preprocess, trigger=trigger, target=target, batch_size=batch_size,
                            provider=provider),
         "after": evaluate(model, data, preprocess, trigger=trigger, target=target, proto=rewritten,
-                          batch_size=batch_size, provider=provider),
+                          batch_size=batch_size, provider=provider, refusal=refusal),
     }
