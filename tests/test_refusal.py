@@ -81,3 +81,19 @@ def test_cli_evaluate_reads_the_gate_output_of_a_clamped_model(fixtures_dir, gat
     plain = runner.invoke(app, ["evaluate", str(fixtures_dir / "digits_blended.onnx"), "--data",
                                 str(fixtures_dir / "digits_test.npz"), "--json", "-", "-q"])
     assert json.loads(plain.stdout)["evaluation"]["refused"] is None
+
+
+def test_clamp_summary_states_the_gate_and_what_refusing_gives(fixtures_dir, tmp_path):
+    summary = tmp_path / "s.md"
+    r = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib",
+                            str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "safe.onnx"), "--gate-output",
+                            "--eval-data", str(fixtures_dir / "digits_test.npz"), "--trigger",
+                            str(fixtures_dir / "digits_blended_trigger.png"), "--mask",
+                            str(fixtures_dir / "digits_blended_mask.png"), "--target", "0", "-q",
+                            "--summary", str(summary)])
+    assert r.exit_code == 0, r.output
+    text = summary.read_text()
+    assert "Score gate: at most 1% of clean images flagged" in text and "`onnx_linf_gated`" in text
+    clamped = next(line for line in text.splitlines() if line.startswith("| clamped"))
+    cells = [c.strip() for c in clamped.strip("|").split("|")]
+    assert cells[-1] == "0.0%" and cells[3].endswith("/ 100.0%")  # every triggered test image refused

@@ -104,10 +104,21 @@ def clamp_markdown(report: ClampReport) -> str:
            f"{100 * report.calibration_agreement:.1f}%"]
     header = ["result", "model", "output", "maps bounded", "bounds", "verification", "predictions unchanged"]
     lines = ["### onnx-linf clamp", ""] + _table(header, [row])
+    gate = (report.strength or {}).get("gate")
+    if gate is not None and gate["kept"]:
+        named = f"; the output `{gate['output']}` names the images it flags" if gate.get("output") else ""
+        lines += ["", f"Score gate: at most {100 * gate['alarm']:g}% of clean images flagged "
+                      f"({100 * gate['confidence']:.0f}% confidence), threshold {gate['threshold']:.3g}{named}."]
     ev = report.evaluation
     if ev:
-        lines += [""] + _table(["model", "clean ACC", "ASR"], [
-            [name, f"{100 * e['accuracy']:.2f}%", "" if e.get("asr") is None else f"{100 * e['asr']:.1f}%"]
+        pct = lambda v, f=".1f": "" if v is None else f"{100 * v:{f}}%"  # noqa: E731
+        refusing = ev["after"].get("refused") is not None
+        header = ["model", "clean ACC", "ASR"] + (["refused clean / triggered", "refusing: accepted and correct",
+                                                    "refusing: ASR"] if refusing else [])
+        lines += [""] + _table(header, [
+            [name, pct(e["accuracy"], ".2f"), pct(e.get("asr"))]
+            + ([f"{pct(e.get('refused'))} / {pct(e.get('refused_triggered'))}" if e.get("refused") is not None
+                else "", pct(e.get("accepted_correct"), ".2f"), pct(e.get("asr_accepted"))] if refusing else [])
             for name, e in (("original", ev["before"]), ("clamped", ev["after"]))])
     return "\n".join(lines) + "\n"
 
