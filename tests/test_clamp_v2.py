@@ -469,3 +469,17 @@ def test_cli_gate_alarm_takes_a_list(fixtures_dir, tmp_path):
         r = runner.invoke(app, args + ["--force", "--gate-alarm", bad])
         assert r.exit_code == 2 and ("--gate-alarm" in r.output or "false-alarm shares" in r.output), r.output
         assert "Traceback" not in r.output
+
+
+def test_report_names_the_strength_the_gate_raised_to(model_file, pixels_file):
+    """Where the gated rewrite does not fit the budget at the chosen strength, the strength is raised
+    (here q 70 -> 100: held-out costs 1.8% at q 70, 2.0% gated, 0.3% gated at q 100, budget 0.15% +
+    1.75%) and the report's strength is the deployed one, not the one chosen without the gate."""
+    path = model_file(models.plain_cnn())
+    calib = pixels_file(1000, 8, 8, 3)
+    result = clamp(path, calib, ClampConfig(provider="cpu", strength_grid=(100.0, 70.0), gate_alarm=0.05,
+                                            slack=0.0175))
+    s = result.report.strength
+    assert s["gate"]["kept"] and s["gate"]["strength_without_gate"] == 70.0
+    assert [t["quantile"] for t in s["gate"]["tried"]] == [70.0, 100.0] and s["quantile"] == 100.0
+    assert result.report.verification is not None  # q 100 again: verified as the identity

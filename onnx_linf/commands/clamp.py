@@ -153,7 +153,7 @@ class ClampConfig:
     gate_alarm: float | tuple[float, ...] = DEFAULT_GATE_ALARM
     """Gate threshold: at most this share of new clean images may score above it, with 95% confidence
     (`decide.strength.gate_threshold`: a distribution-free tolerance bound on the held-out scores);
-    several: tried largest first at each strength, the first within the budget kept."""
+    several: tried largest first, each at every strength from the chosen one up to q 100."""
     gate_output: bool = False
     """Add the bool ``[N]`` output ``onnx_linf_gated``: the images the gate flagged. A flagged image's
     prediction is that of an image whose channels were pushed to clean averages (mostly not its
@@ -310,12 +310,12 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
             notes.append("score gate left out: " + strength["gate"]["reason"])
         elif config.gate_output:
             strength["gate"]["output"] = GATED_OUTPUT
-    if config.gate_output and gate is None:
-        why = strength["gate"]["reason"] if auto and "gate" in strength else "too few calibration images"
-        raise UsageError(f"--gate-output: the score gate was left out ({why}); there is nothing to output")
         strength["quantile"] = chosen
     elif config.gate is not None and config.mean_bounds and not auto:
         notes.append("score gate left out: it needs the cross-fitted strength (--strength auto) and enough images")
+    if config.gate_output and gate is None:
+        why = strength["gate"]["reason"] if auto and "gate" in strength else "too few calibration images"
+        raise UsageError(f"--gate-output: the score gate was left out ({why}); there is nothing to output")
     chosen_row = next((r for r in rows if r.quantile == chosen), None)
     scales = chosen_row.score_scales if chosen_row is not None else None
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
