@@ -59,7 +59,8 @@ def clamp_command(
                                       "their channel means bounded at this percentile of clean ones (or 'mean': "
                                       "their average) from that map on; 'off' for none. Needs --strength auto.")]
     = _gate_default(),
-    gate_alarm: Annotated[str, typer.Option(help="--gate: the largest share of new clean images allowed "
+    gate_alarm: Annotated[str, typer.Option(metavar="SHARE[,SHARE...]",
+                                            help="--gate: the largest share of new clean images allowed "
                                             "above the gate threshold (held with 95% confidence: a tolerance "
                                             "bound on the held-out calibration scores); comma-separated: tried "
                                             "largest first, the first within the budget kept.")]
