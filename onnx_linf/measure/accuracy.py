@@ -102,15 +102,15 @@ class AccuracyJob:
             progress: Progress | None = None) -> Counts:
         progress = progress or Progress()
         progress.start("evaluate", len(source))
-        c = np.zeros(8, dtype=np.int64)  # the counts of `Counts`, in its order, provider left out
+        clean, stamped = Counts(), Counts()  # clean: correct/total/refused/accepted_correct; stamped: the rest
         target = self.target
+        fetch = None if self.refusal is None else [session.inner.get_outputs()[0].name, self.refusal]
 
         def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if self.refusal is None:
-                logits = session.run(None, x)[0]
-                return logits, np.zeros(len(logits), dtype=bool)
-            logits, refused = session.run([session.inner.get_outputs()[0].name, self.refusal], x)
-            return logits, np.asarray(refused, dtype=bool).reshape(-1)
+            """Top-1 classes and the refusal flags (all False without a refusal output)."""
+            out = session.run(fetch, x)
+            refused = np.zeros(len(out[0]), dtype=bool) if fetch is None else np.asarray(out[1], bool).reshape(-1)
+            return out[0], refused
         try:
             for batch in source.batches(batch_size):
                 logits, refused = run(model_tensor(batch, preprocess))
@@ -118,20 +118,20 @@ class AccuracyJob:
                     raise UsageError(f"--target {target} is not a class of this model (0..{logits.shape[-1] - 1})")
                 labels = batch.labels
                 right = logits.argmax(axis=-1) == labels
-                c[[0, 1, 4, 5]] += (int(right.sum()), len(labels), int(refused.sum()), int((right & ~refused).sum()))
+                clean += Counts(correct=int(right.sum()), total=len(labels), refused=int(refused.sum()),
+                                accepted_correct=int((right & ~refused).sum()))
                 if self.trigger is not None:
                     keep = labels != target
                     if keep.any():
-                        stamped, refused = run(model_tensor(batch, preprocess, self.trigger))
-                        hit = (stamped.argmax(axis=-1) == target)[keep]
-                        refused = refused[keep]
-                        c[[2, 3, 6, 7]] += (int(hit.sum()), int(keep.sum()), int(refused.sum()),
-                                            int((hit & ~refused).sum()))
+                        logits, refused = run(model_tensor(batch, preprocess, self.trigger))
+                        hit, refused = (logits.argmax(axis=-1) == target)[keep], refused[keep]
+                        stamped += Counts(hits=int(hit.sum()), counted=int(keep.sum()),
+                                          refused_triggered=int(refused.sum()),
+                                          accepted_hits=int((hit & ~refused).sum()))
                 progress.advance(len(labels))
         finally:
             progress.finish()
-        n = [int(v) for v in c]
-        return Counts(*n[:4], session.provider, *n[4:])
+        return clean + stamped + Counts(provider=session.provider)
 
     def merge(self, a: Counts, b: Counts) -> Counts:
         return a + b
