@@ -108,10 +108,12 @@ def cifar_cases(folder: Path, calib_images: int) -> Iterator[Case]:
                    ArraySource(tmp / "test.npz", pp.size, pp.channels), trigger, attack.get("target", 0))
 
 
-def measure(case: Case, proto=None) -> tuple[float, float | None]:
+def measure(case: Case, proto=None, refusal: str | None = None):
+    """(ACC, ASR) of `proto` (the original model by default) on the test split; with `refusal` (a bool
+    output of `proto`), the whole `Evaluation`, refusing what that output names."""
     ev = evaluate(case.model, case.test, case.preprocess, trigger=case.trigger, target=case.target, proto=proto,
-                  provider="cpu", batch_size=128)
-    return ev.accuracy, ev.asr
+                  provider="cpu", batch_size=128, refusal=refusal)
+    return ev if refusal is not None else (ev.accuracy, ev.asr)
 
 
 def pruning_rows(case: Case, layers: str, scores_wanted: tuple[str, ...] = SCORES,
@@ -196,28 +198,14 @@ def score_auroc(case: Case, proto) -> tuple[float, float]:
     return auroc(neg, pos), neg
 
 
-def refusal(case: Case, proto) -> str:
-    """What a deployment that refuses the images the gate flags (``--gate-output``) would see: the
-    share of clean and of triggered (non-target) test images flagged, the ASR over all triggered
-    images counting refused ones as not attacked, and the clean accuracy counting refused ones as wrong."""
-    from onnx_linf.measure.calibrate import model_tensor
-    from onnx_linf.measure.session import create_session
-    from onnx_linf.rewrite.clamp import GATED_OUTPUT
-
-    session = create_session(case.model, proto, "cpu")
-    output = case.model.proto.graph.output[0].name
-    flagged, correct, hit, attacked = [], [], [], []
-    for batch in case.test.batches(256):
-        logits, gated = session.run([output, GATED_OUTPUT], model_tensor(batch, case.preprocess))
-        flagged.append(gated)
-        correct.append((logits.argmax(1) == batch.labels) & ~gated)
-        keep = batch.labels != case.target
-        logits, gated = session.run([output, GATED_OUTPUT], model_tensor(batch, case.preprocess, case.trigger))
-        attacked.append(gated[keep])
-        hit.append(((logits.argmax(1) == case.target) & ~gated)[keep])
-    share = lambda parts: 100 * float(np.concatenate(parts).mean())  # noqa: E731
-    return (f"gate flags {share(flagged):.1f}% of clean and {share(attacked):.1f}% of triggered test images; "
-            f"refusing them: ASR {share(hit):.1f}%, clean accepted and correct {share(correct):.1f}%")
+def refusal(ev) -> str:
+    """What a deployment that refuses the images the gate flags (``--gate-output``) would see, from an
+    `Evaluation` measured with the gate output as its refusal: the share of clean and of triggered
+    (non-target) test images flagged, the ASR over accepted triggered images, and the clean images
+    accepted and correct."""
+    return (f"gate flags {100 * ev.refused:.1f}% of clean and {100 * ev.refused_triggered:.1f}% of triggered "
+            f"test images; refusing them: ASR {100 * ev.asr_accepted:.1f}%, clean accepted and correct "
+            f"{100 * ev.accepted_correct:.1f}%")
 
 
 def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> list[Row]:
@@ -233,7 +221,14 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             options = {k: v for k, v in options.items() if k != "gate_output"}
             result = clamp(case.model, case.calib, ClampConfig(provider="cpu", **options), preprocess=case.preprocess)
         seconds = time.perf_counter() - t0
-        acc, asr = measure(case, result.proto)
+        flagged = options.get("gate_output") and case.trigger is not None
+        if flagged:
+            from onnx_linf.rewrite.clamp import GATED_OUTPUT
+
+            ev = measure(case, result.proto, refusal=GATED_OUTPUT)
+            acc, asr = ev.accuracy, ev.asr
+        else:
+            acc, asr = measure(case, result.proto)
         s = result.report.strength
         detail = f"{len(result.records)} maps, {seconds:.0f} s"
         if s is not None and s["mode"] == "auto":
@@ -243,8 +238,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             thr = result.report.score["threshold_1pct"]
             far = float((clean_scores_ > thr).mean()) if thr is not None else float("nan")
             detail += f"; score AUROC {area:.3f}, clean test above the 1% threshold: {100 * far:.1f}%"
-        if options.get("gate_output") and case.trigger is not None:
-            detail += "; " + refusal(case, result.proto)
+        if flagged:
+            detail += "; " + refusal(ev)
         rows.append(Row(defence, label, acc, asr, detail))
     if not grid:
         return rows
