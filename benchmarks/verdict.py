@@ -60,8 +60,10 @@ def calibration(path: Path, pre: Preprocess, n: int) -> np.ndarray:
     if split.exists():
         with np.load(split) as data:
             return data["calib_x"][:n]
-    if (path.parent / "calib.npy").exists():  # benchmarks/many_class.py
-        return read_pool(open_source(path.parent / "calib.npy", pre), n)
+    if (path.parent / "calib.npy").exists():  # benchmarks/many_class.py: pairs, or calib3.npy for triples
+        digits = (json.loads(path.with_suffix(".json").read_text()).get("digits", 2)
+                  if path.with_suffix(".json").exists() else 2)
+        return read_pool(open_source(path.parent / ("calib3.npy" if digits == 3 else "calib.npy"), pre), n)
     return read_pool(open_source(ROOT / "fixtures/digits_calib", pre), n)
 
 
