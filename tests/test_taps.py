@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 
 from onnx_linf.errors import UnsupportedModelError
 from onnx_linf.model.load import load_model
-from onnx_linf.model.taps import find_taps
+from onnx_linf.model.taps import SMALL_INITIALIZER, find_taps, infer_shapes, weightless
 
 import models
 
@@ -76,3 +78,32 @@ def test_silu_gate_belongs_to_the_map(model_file):
     taps = find_taps(model)
     assert names(taps) == ["swish_out", "relu2_out"]
     assert taps[0].chain == ("c1", "bn1", "sig", "swish") and not taps[0].non_negative
+
+
+def _full_inference_shapes(proto):
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True).graph
+    return {vi.name: tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                           for d in vi.type.tensor_type.shape.dim)
+            for vi in list(inferred.value_info) + list(inferred.output) if vi.type.tensor_type.HasField("shape")}
+
+
+@pytest.mark.parametrize("build", [models.plain_cnn, models.resnet_block, models.depthwise, models.computed_weights,
+                                   models.subgraph_reader, models.shared_weights, models.qdq_cnn])
+def test_shape_inference_without_the_weights_finds_every_shape(build):
+    proto = build()
+    before = proto.SerializeToString()
+    light = weightless(proto)
+    shapes, _ = infer_shapes(proto)
+    full = _full_inference_shapes(proto)
+    assert full and all(shapes.get(name) == shape for name, shape in full.items())
+    assert proto.SerializeToString() == before  # the model itself is left alone
+    big = [i.name for i in proto.graph.initializer if np.prod(i.dims) > SMALL_INITIALIZER]
+    assert not {i.name for i in light.graph.initializer} & set(big)
+    assert set(big) <= {i.name for i in light.graph.input}
+
+
+def test_weightless_copy_of_a_real_model_is_small(fixtures_dir):
+    proto = onnx.load(str(fixtures_dir / "digits_badnets.onnx"))
+    light = weightless(proto)
+    assert light.ByteSize() < proto.ByteSize() / 5
+    assert infer_shapes(proto) == infer_shapes(light)

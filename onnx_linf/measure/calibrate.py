@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from ..errors import CalibrationDataError, UsageError
 from ..model.load import Model
+from ..model.taps import weightless
 from .budget import input_bytes_per_image, require_within
 from .preprocess import Preprocess, Trigger
 from .session import PROVIDERS, Session, cuda_memory, resolve_provider
@@ -256,24 +257,10 @@ def _activation_bytes_per_image(model: Model, taps: Sequence, size: tuple[int, i
     graph = model.proto.graph
     # Shape inference on a copy without the weights' bytes: a weight only needs its type and
     # shape here, and copying the weights of a large model would cost more than the batch.
-    light = onnx.ModelProto()
-    light.ir_version, light.producer_name = model.proto.ir_version, model.proto.producer_name
-    light.opset_import.extend(model.proto.opset_import)
-    g = light.graph
-    g.node.extend(graph.node)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    inputs = {i.name for i in graph.input}
-    for init in graph.initializer:
-        if init.data_type == onnx.TensorProto.INT64 and _numel(init.dims) <= 64:
-            g.initializer.append(init)  # shape arguments (Reshape targets...) keep their values
-        elif init.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    for vi in graph.input:
-        vi2 = g.input.add()
-        vi2.CopyFrom(vi)
+    light = weightless(model.proto)
+    for vi in light.graph.input:
         if vi.name == model.input.name:
-            dims = vi2.type.tensor_type.shape.dim
+            dims = vi.type.tensor_type.shape.dim
             spatial = (1, 2) if len(dims) == 4 and dims[3].dim_value in (1, 3) else (2, 3)
             for i, d in enumerate(dims):
                 if i == 0:
