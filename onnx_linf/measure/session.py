@@ -158,6 +158,8 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
     # ResNet-50, batch 16: +170 MB peak RSS, +65 MB for the plain model) and saves no time
     # (interleaved runs: same throughput); the arena still reuses freed blocks.
     options.enable_mem_pattern = False
+    if not wanted and _shared_cpu_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if model.has_external_data:
         # Initializers stay on disk in their files; ORT resolves them from the model's folder, so
         # a >2 GB model is not materialised a second time in our process.
@@ -193,6 +195,33 @@ def create_session(model: Model, proto: onnx.ModelProto | Instrumented | None = 
     return Session(inner=inner, provider=used, input_name=model.input.name,
                    fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
                    input_dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(model.input.elem_type)))
+
+
+#: Whether the process-wide CPU arena is registered with ORT's environment (None: not tried yet).
+_cpu_arena: bool | None = None
+
+
+def _shared_cpu_arena() -> bool:
+    """Register one CPU arena with ORT's environment, for every CPU session of this process.
+
+    Each ORT session otherwise grows its own arena to the activations of its largest batch and
+    keeps it for its whole life. A clamp holds one session per cross-fit fold (and more for
+    verification) side by side: measured on ResNet-18 (batch 32, 224x224), five fold sessions
+    kept five arenas and the command peaked at 4.1 GB RSS, 12x the model's plain inference. The
+    sessions run one batch at a time, so one shared arena serves them all. Registered once per
+    process (ORT refuses a second registration for the same memory info); if ORT rejects it,
+    sessions keep their own arenas.
+    """
+    global _cpu_arena
+    if _cpu_arena is None:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            _cpu_arena = True
+        except Exception as exc:  # an older ORT, or a CPU allocator another library registered
+            log.debug("no shared CPU arena: %s", ort_message(exc))
+            _cpu_arena = False
+    return _cpu_arena
 
 
 def ort_message(exc: BaseException, limit: int = 200) -> str:
