@@ -210,7 +210,8 @@ def _shared_cpu_arena() -> bool:
     kept five arenas and the command peaked at 4.1 GB RSS, 12x the model's plain inference. The
     sessions run one batch at a time, so one shared arena serves them all. Registered once per
     process (ORT refuses a second registration for the same memory info); if ORT rejects it,
-    sessions keep their own arenas.
+    sessions keep their own arenas. The arena lives as long as the process and never shrinks: a
+    long-running caller keeps its largest batch's activations reserved after its sessions are gone.
     """
     global _cpu_arena
     if _cpu_arena is None:
