@@ -530,6 +530,10 @@ def _child(args: argparse.Namespace) -> None:
     elif variant == "raw":
         run, _ = _raw_runner(path, batches)
         run()
+    elif variant == "clamp":
+        from onnx_linf import clamp
+
+        clamp(path, args.child_folder, output=path.with_name(path.stem + "_clamped.onnx"), force=True)
     else:
         raise SystemExit(f"unknown child variant {variant}")
 
@@ -554,6 +558,15 @@ def memory(path: Path, spec: Spec, batch: int, runs: int) -> dict[str, float]:
     for variant in ("plain-lib", "last", "all", "all+branches", "raw"):
         out[variant] = peak_rss_mb(base + [variant])
     return out
+
+
+def clamp_memory(path: Path, spec: Spec, work: Path, images: int) -> float:
+    """Peak RSS of `onnx_linf.clamp` (defaults) in a child, calibrating on `images` random uint8 images."""
+    calib = work / f"random_{spec.side}_{images}.npy"
+    if not calib.exists():
+        np.save(calib, np.random.default_rng(0).integers(0, 256, (images, spec.side, spec.side, 3), dtype=np.uint8))
+    return peak_rss_mb([sys.executable, __file__, "--child-model", str(path), "--child-side", str(spec.side),
+                        "--child", "clamp", "--child-folder", str(calib)])
 
 
 def memory_scaling(path: Path, folders: dict[int, Path], batch: int) -> dict[int, float]:
@@ -755,6 +768,9 @@ def main() -> None:
                         help="model whose CLI scan is run on N and 10N JPEG files for peak memory")
     parser.add_argument("--scaling-images", type=int, default=128)
     parser.add_argument("--memory-runs", type=int, default=2, help="batches each memory child runs")
+    parser.add_argument("--clamp-memory", type=int, default=0, metavar="IMAGES",
+                        help="also measure the peak RSS of a default clamp calibrated on this many random images "
+                             "(0: skip; 160 takes about 1 min on ResNet-18 and 6 on MobileNetV2, 2 cores)")
     parser.add_argument("--cache", type=Path, help="keep built models and JPEGs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -801,6 +817,9 @@ def main() -> None:
             if not args.no_memory:
                 print(f"{name}: memory", file=sys.stderr, flush=True)
                 mem_rows.append((name, memory(paths[name], spec, args.batch, args.memory_runs)))
+                if args.clamp_memory:
+                    print(f"{name}: clamp memory", file=sys.stderr, flush=True)
+                    mem_rows[-1][1]["clamp"] = clamp_memory(paths[name], spec, work, args.clamp_memory)
         if args.latency_runs > 0:
             lat = {}
             for name in names:
@@ -831,6 +850,12 @@ def main() -> None:
                               f"{m['all']:.0f} | {m['all+branches']:.0f} | {m['raw']:.0f} | "
                               f"{m['all'] / m['plain']:.2f} |")
             report.append("")
+            if args.clamp_memory:
+                report += [f"Peak RSS of a default `clamp` (`onnx_linf.clamp`, cross-fit included) calibrated on "
+                           f"{args.clamp_memory} random uint8 images, one process per model:", "",
+                           "| model | plain | clamp | clamp / plain |", "|---|---|---|---|",
+                           *[f"| {name} | {m['plain']:.0f} | {m['clamp']:.0f} | {m['clamp'] / m['plain']:.1f} |"
+                             for name, m in mem_rows], ""]
         if not args.no_e2e:
             spec = MODELS[args.e2e_model]
             folder = write_jpegs(work / f"jpeg_{args.e2e_model}_{args.e2e_images}", args.e2e_images, spec.side)
