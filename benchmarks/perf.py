@@ -551,13 +551,14 @@ def peak_rss_mb(cmd: list[str]) -> float:
     return int(peak[-1]) / 1024
 
 
-def memory(path: Path, spec: Spec, batch: int, runs: int) -> dict[str, float]:
+def memory(path: Path, spec: Spec, batch: int, runs: int, repeats: int = 3) -> dict[str, float]:
+    """Peak RSS per variant: the median over `repeats` child processes (identical children differ by
+    tens of MB: ORT's threads and the C allocator's per-thread arenas)."""
     base = [sys.executable, __file__, "--batch", str(batch), "--child-model", str(path),
             "--child-side", str(spec.side), "--child-runs", str(runs), "--child"]
-    out = {"plain": peak_rss_mb([sys.executable, "-c", PLAIN_CHILD, str(path), str(batch), str(spec.side), str(runs)])}
-    for variant in ("plain-lib", "last", "all", "all+branches", "raw"):
-        out[variant] = peak_rss_mb(base + [variant])
-    return out
+    commands = {"plain": [sys.executable, "-c", PLAIN_CHILD, str(path), str(batch), str(spec.side), str(runs)]}
+    commands.update({v: base + [v] for v in ("plain-lib", "last", "all", "all+branches", "raw")})
+    return {v: statistics.median(peak_rss_mb(cmd) for _ in range(repeats)) for v, cmd in commands.items()}
 
 
 def clamp_memory(path: Path, spec: Spec, work: Path, images: int) -> float:
@@ -768,6 +769,7 @@ def main() -> None:
                         help="model whose CLI scan is run on N and 10N JPEG files for peak memory")
     parser.add_argument("--scaling-images", type=int, default=128)
     parser.add_argument("--memory-runs", type=int, default=2, help="batches each memory child runs")
+    parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per memory variant (median)")
     parser.add_argument("--clamp-memory", type=int, default=0, metavar="IMAGES",
                         help="also measure the peak RSS of a default clamp calibrated on this many random images "
                              "(0: skip; 160 takes about 1 min on ResNet-18 and 6 on MobileNetV2, 2 cores)")
@@ -816,7 +818,7 @@ def main() -> None:
                        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()), ""]
             if not args.no_memory:
                 print(f"{name}: memory", file=sys.stderr, flush=True)
-                mem_rows.append((name, memory(paths[name], spec, args.batch, args.memory_runs)))
+                mem_rows.append((name, memory(paths[name], spec, args.batch, args.memory_runs, args.memory_repeats)))
                 if args.clamp_memory:
                     print(f"{name}: clamp memory", file=sys.stderr, flush=True)
                     mem_rows[-1][1]["clamp"] = clamp_memory(paths[name], spec, work, args.clamp_memory)
@@ -840,7 +842,8 @@ def main() -> None:
                        *profile(paths[name], MODELS[name], args.batch, args.rounds), ""]
         if mem_rows:
             report += ["## Peak RSS (MB, one process per variant)", "",
-                       f"Batch {args.batch}, {args.memory_runs} batches per process. \"plain\" is ONNX Runtime alone "
+                       f"Batch {args.batch}, {args.memory_runs} batches per process, median of {args.memory_repeats} "
+                       "processes. \"plain\" is ONNX Runtime alone "
                        "(session from the file); \"plain via onnx-linf\" also holds the model in Python, as every "
                        "scan does.", "",
                        "| model | plain | plain via onnx-linf | scan last | scan all | scan all+branches "
