@@ -24,7 +24,7 @@ Models (same CNN, recipe and seed; only the poisoned copies differ):
 
 Usage::
 
-    python benchmarks/many_class.py build                 # trains 3 models (~15 min on 2 busy cores)
+    python benchmarks/many_class.py build                 # trains 5 models (~12 min on 2 busy cores)
     python benchmarks/many_class.py measure --seeds 0     # verdict, forwards, seconds per model
     python benchmarks/many_class.py measure --seeds 0,1,2 --out benchmarks/out/many_class.md
 
