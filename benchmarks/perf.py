@@ -531,9 +531,14 @@ def _child(args: argparse.Namespace) -> None:
         run, _ = _raw_runner(path, batches)
         run()
     elif variant == "clamp":
-        from onnx_linf import clamp
+        from onnx_linf import VerificationError, clamp
 
-        clamp(path, args.child_folder, output=path.with_name(path.stem + "_clamped.onnx"), force=True)
+        try:
+            clamp(path, args.child_folder, output=path.with_name(path.stem + "_clamped.onnx"), force=True)
+        except VerificationError as exc:
+            # Random weights and random images can fail the agreement check at the very end (the
+            # MobileNet: 18% changed); every pass has run by then, so the peak is still the clamp's.
+            print(f"clamp refused to write its output: {exc}", file=sys.stderr)
     else:
         raise SystemExit(f"unknown child variant {variant}")
 
