@@ -16,10 +16,7 @@ from ..decide.strength import (
     StrengthRow,
     choose,
     exceeded,
-    gate_threshold,
-    low_gate_threshold,
     validate_grid,
-    within_budget,
 )
 from ..errors import UsageError
 from ..measure.calibrate import Progress
@@ -47,7 +44,17 @@ from .common import (
     require_agreement,
     verify_inputs,
 )
-from .crossfit import Evidence, MapPlan, bounds_at, cross_fit, cross_fit_gate, held_out_scaled, image_topk, with_gate
+from .crossfit import (
+    Evidence,
+    MapPlan,
+    bounds_at,
+    candidate_row,
+    cross_fit,
+    fit_gate,
+    held_out_scaled,
+    image_topk,
+    with_gate,
+)
 from .options import PreprocessOptions
 
 #: Fewest calibration images per fold for ``--strength auto``: below it each held-out fold is too
@@ -297,14 +304,14 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         chosen = choice.quantile
         strength = {"mode": "auto", "quantile": chosen, "power": config.power, "rule": config.rule,
                     "slack": config.slack, "folds": config.folds,
-                    "candidates": [_candidate(r) for r in rows],
+                    "candidates": [candidate_row(r) for r in rows],
                     "forwards": len(source) * (1 + len(rows))}
     elif fixed is not None:
         strength = {"mode": "fixed", "quantile": fixed, "power": config.power}
     gate = None
     if auto and config.gate is not None:
-        chosen, gate, strength["gate"] = _fit_gate(editable, plans, folds, source, preprocess, config, rows, chosen,
-                                                   progress)
+        chosen, gate, strength["gate"] = fit_gate(editable, plans, folds, source, preprocess, config, rows, chosen,
+                                                  progress)
         strength["forwards"] += len(source) * len(strength["gate"]["tried"])
         if gate is None:
             notes.append("score gate left out: " + strength["gate"]["reason"])
@@ -441,48 +448,6 @@ def _ungated(model: Model, flagged: onnx.ModelProto, inputs: list[np.ndarray],
     return kept, gated, total
 
 
-def _fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, preprocess: Preprocess,
-              config: ClampConfig, rows: list[StrengthRow], chosen: float,
-              progress: Progress | None) -> tuple[float, tuple[float, float | None] | None, dict]:
-    """The strength and gate thresholds (upper side, low side or None) to deploy, and the report of
-    how they were chosen.
-
-    The gate shares the strength's budget (held-out cost at most the cost at q 100 plus the slack).
-    Each alarm, largest first, is tried at the chosen strength, then at the next weaker one, up to
-    q 100, before the next alarm: the gate removes more of a full-image backdoor than one step of
-    strength does (VGG SIG: 48% ASR at q 99 without it, 4-8% with it; 1.4% at q 100 and alarm 1%
-    against 5.5% at q 99.5 and 0.5%, which the other order picked).
-    """
-    reference = next(r for r in rows if r.quantile == 100.0)
-    tried = []
-    report = {"quantile": config.gate, "alarms": list(config.gate_alarms)}
-    seen = set()
-    for alarm in config.gate_alarms:
-        for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
-            threshold, confidence = gate_threshold(row, alarm)
-            if not np.isfinite(threshold) or (row.quantile, threshold) in seen:  # few images: one threshold
-                continue
-            seen.add((row.quantile, threshold))
-            low = low_gate_threshold(row) if config.low_evidence else None
-            gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
-                                   threshold, position_quantile=config.quantile, margin=config.margin,
-                                   power=config.power, provider=config.provider, progress=progress,
-                                   excess=config.excess_kind, evidence=config.evidence(True), low_threshold=low)
-            tried.append(dict(_candidate(gated), alarm=alarm, threshold=threshold, low_threshold=low))
-            if within_budget(gated, reference, config.rule, config.slack):
-                return row.quantile, (threshold, low), dict(
-                    report, alarm=alarm, threshold=threshold, confidence=confidence, low_threshold=low, kept=True,
-                    strength_without_gate=chosen, tried=tried, rule=GATE_RULE)
-    return chosen, None, dict(report, alarm=None, threshold=None, kept=False, strength_without_gate=chosen,
-                              tried=tried, rule=GATE_RULE,
-                              reason="with the gate, no strength kept the held-out cost within the budget")
-
-
-GATE_RULE = ("the largest alarm, and at it the strongest strength from the chosen one up to q 100, at which the gated "
-             "rewrite's held-out cost stays within the strength's budget (the cost at q 100 plus the slack); no gate "
-             "when none does")
-
-
 def _distribution(scores: tuple[float, ...]) -> dict | None:
     """Quantiles of the held-out calibration scores (what a deployment compares its own scores to)."""
     values = np.asarray(scores, dtype=np.float64)
@@ -496,12 +461,6 @@ def _distribution(scores: tuple[float, ...]) -> dict | None:
 
 def _quantile_gate(gate) -> bool:
     return isinstance(gate, (int, float)) and not isinstance(gate, bool)
-
-
-def _candidate(row: StrengthRow) -> dict:
-    """A strength row for the report (the per-part score scales are reported once, in ``score``)."""
-    hidden = ("score_scales", "held_out_scores", "held_out_mean_scores", "held_out_low_scores")
-    return {k: v for k, v in dataclasses.asdict(row).items() if k not in hidden}
 
 
 def _score_section(row: StrengthRow | None, records: list) -> dict:

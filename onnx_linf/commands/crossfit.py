@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..decide.bounds import map_bound, mean_bound, topk_for_quantile
-from ..decide.strength import StrengthRow, held_out_row
+from ..decide.strength import StrengthRow, gate_threshold, held_out_row, low_gate_threshold, within_budget
 from ..measure.calibrate import Progress, model_tensor, prefetch
 from ..measure.folds import FoldedSource, FoldStats
 from ..measure.preprocess import Preprocess
@@ -268,3 +269,51 @@ def anomaly_scores(model: Model, taps: Sequence[Tap], clean: dict[str, ChannelSt
             "max": float(values.max()), "floor": SCORE_FLOOR,
             "note": "bounds at the clean maxima: clean calibration images score 0; for a threshold at 1% clean "
                     "false alarms, clamp --score-output cross-fits one"}
+
+
+def candidate_row(row: StrengthRow) -> dict:
+    """A strength row for the report (the per-part score scales are reported once, in ``score``)."""
+    hidden = ("score_scales", "held_out_scores", "held_out_mean_scores", "held_out_low_scores")
+    return {k: v for k, v in dataclasses.asdict(row).items() if k not in hidden}
+
+
+def fit_gate(model: Model, plans: list[MapPlan], folds, source: DataSource, preprocess: Preprocess,
+             config: Any, rows: list[StrengthRow], chosen: float,
+             progress: Progress | None) -> tuple[float, tuple[float, float | None] | None, dict]:
+    """The strength and gate thresholds (upper side, low side or None) to deploy, and the report of
+    how they were chosen. `config` is the clamp's `ClampConfig` (its gate, strength and pass options).
+
+    The gate shares the strength's budget (held-out cost at most the cost at q 100 plus the slack).
+    Each alarm, largest first, is tried at the chosen strength, then at the next weaker one, up to
+    q 100, before the next alarm: the gate removes more of a full-image backdoor than one step of
+    strength does (VGG SIG: 48% ASR at q 99 without it, 4-8% with it; 1.4% at q 100 and alarm 1%
+    against 5.5% at q 99.5 and 0.5%, which the other order picked).
+    """
+    reference = next(r for r in rows if r.quantile == 100.0)
+    tried = []
+    report = {"quantile": config.gate, "alarms": list(config.gate_alarms)}
+    seen = set()
+    for alarm in config.gate_alarms:
+        for row in sorted((r for r in rows if r.quantile >= chosen), key=lambda r: r.quantile):
+            threshold, confidence = gate_threshold(row, alarm)
+            if not np.isfinite(threshold) or (row.quantile, threshold) in seen:  # few images: one threshold
+                continue
+            seen.add((row.quantile, threshold))
+            low = low_gate_threshold(row) if config.low_evidence else None
+            gated = cross_fit_gate(model, plans, folds, source, preprocess, config.batch_size, row, config.gate,
+                                   threshold, position_quantile=config.quantile, margin=config.margin,
+                                   power=config.power, provider=config.provider, progress=progress,
+                                   excess=config.excess_kind, evidence=config.evidence(True), low_threshold=low)
+            tried.append(dict(candidate_row(gated), alarm=alarm, threshold=threshold, low_threshold=low))
+            if within_budget(gated, reference, config.rule, config.slack):
+                return row.quantile, (threshold, low), dict(
+                    report, alarm=alarm, threshold=threshold, confidence=confidence, low_threshold=low, kept=True,
+                    strength_without_gate=chosen, tried=tried, rule=GATE_RULE)
+    return chosen, None, dict(report, alarm=None, threshold=None, kept=False, strength_without_gate=chosen,
+                              tried=tried, rule=GATE_RULE,
+                              reason="with the gate, no strength kept the held-out cost within the budget")
+
+
+GATE_RULE = ("the largest alarm, and at it the strongest strength from the chosen one up to q 100, at which the gated "
+             "rewrite's held-out cost stays within the strength's budget (the cost at q 100 plus the slack); no gate "
+             "when none does")
