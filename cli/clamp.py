@@ -80,6 +80,11 @@ def clamp_command(
     gate_output: Annotated[bool, typer.Option("--gate-output", help="Add the graph output onnx_linf_gated [N] "
                                               "(bool): the images the score gate flagged, for a deployment to "
                                               "refuse (their predictions are not their class).")] = False,
+    suspects: Annotated[str, typer.Option(metavar="none|auto|CLASS[,CLASS...]|REPORT.json",
+                                          help="Classes an input the score gate flags must never be given: "
+                                          "'auto' (the probe families of scan --verdict, run here), class "
+                                          "indices, or a scan --json report of this model (its suspected "
+                                          "classes).")] = "none",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")]
     = False,
     eval_data: EvalData = None,
@@ -122,7 +127,8 @@ def clamp_command(
                              bounds=parse_bounds(bounds), strength=parse_strength(strength), power=power,
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=parse_alarms(gate_alarm),
                              low_evidence=low_evidence, evidence_quantile=parse_evidence_quantile(evidence_quantile),
-                             score_output=score_output, gate_output=gate_output)
+                             score_output=score_output, gate_output=gate_output,
+                             suspects=parse_suspects(suspects))
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -215,7 +221,29 @@ def gate_line(gate: dict) -> str:
     return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} "
             f"({held}){below} "
             f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})"
-            + (f"; output [bold]{gate['output']}[/] names them" if gate.get("output") else ""))
+            + (f"; output [bold]{gate['output']}[/] names them" if gate.get("output") else "")
+            + (_suspects_text(gate["suspects"]) if gate.get("suspects") is not None else ""))
+
+
+def _suspects_text(suspects: dict) -> str:
+    where = {"probes": "the probe families", "given": "--suspects"}.get(suspects["source"], suspects["source"])
+    classes = ", ".join(str(c) for c in suspects["classes"])
+    return (f"; never given class {classes} (suspected by {where})" if classes
+            else f"; no class excluded ({where} suspect none)")
+
+
+def parse_suspects(value: str) -> str | tuple[int, ...]:
+    """'none', 'auto', '0,3' -> (0, 3), or a report path."""
+    v = value.strip()
+    if v.lower() in ("none", "auto"):
+        return v.lower()
+    if v.lower().endswith(".json"):
+        return v
+    try:
+        return tuple(int(c) for c in v.split(","))
+    except ValueError:
+        raise UsageError(f"--suspects takes none, auto, class indices (e.g. 0,3) or a scan report .json, "
+                         f"got {value!r}") from None
 
 
 def parse_evidence_quantile(value: str) -> float | None:

@@ -55,6 +55,7 @@ from .crossfit import (
     image_topk,
     with_gate,
 )
+from .evidence import given_suspects, probed_suspects
 from .options import PreprocessOptions
 
 #: Fewest calibration images per fold for ``--strength auto``: below it each held-out fold is too
@@ -165,6 +166,11 @@ class ClampConfig:
     """Add the bool ``[N]`` output ``onnx_linf_gated``: the images the gate flagged. A flagged image's
     prediction is that of an image whose channels were pushed to clean averages (mostly not its
     class), so a deployment that can refuse inputs should refuse these; refused when no gate is kept."""
+    suspects: str | os.PathLike | tuple[int, ...] = "none"
+    """Classes an image the gate flags must not be given (`rewrite.exclude`; a deployment that must
+    answer every input): ``none``; ``auto``, the classes the probe families of ``scan --verdict``
+    suspect on the calibration images (~260 forwards per probed image, 128 images); class indices;
+    or a scan report (``--json``) of this model, its suspected classes."""
 
     def validate(self) -> None:
         """Raise `UsageError` for inconsistent options."""
@@ -195,6 +201,8 @@ class ClampConfig:
             raise UsageError(f"--strength auto needs at least 2 folds, got {self.folds}")
         validate_grid(self.strength_grid)
         choose([StrengthRow(100.0, 0.0, 0.0, 0.0)], self.rule, self.slack)  # rule and slack
+        if isinstance(self.suspects, tuple) and not all(isinstance(c, int) and c >= 0 for c in self.suspects):
+            raise UsageError(f"suspected classes must be class indices >= 0, got {self.suspects!r}")
 
     @property
     def gate_alarms(self) -> tuple[float, ...]:
@@ -257,6 +265,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     check_rewritable(model)  # before any calibration pass
     if output is not None:
         check_output_path(output, [model.path], force)
+    suspects = given_suspects(model, config.suspects)
     taps = find_taps(model, config.layers if isinstance(config.layers, str) else list(config.layers))
     preprocess = preprocess or config.preprocess.resolve(model)
     source = open_calibration(model, calib, preprocess, config.limit, taps=taps, batch_size=config.batch_size)
@@ -323,6 +332,11 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if config.gate_output and gate is None:
         why = strength["gate"]["reason"] if auto and "gate" in strength else "too few calibration images"
         raise UsageError(f"--gate-output: the score gate was left out ({why}); there is nothing to output")
+    if config.suspects != "none" and gate is None:
+        notes.append("suspected classes not excluded: no score gate, so no image is flagged")
+    elif config.suspects != "none":
+        suspects = suspects or probed_suspects(model, source, preprocess, config.provider)
+        strength["gate"]["suspects"] = suspects
     chosen_row = next((r for r in rows if r.quantile == chosen), None)
     scales = chosen_row.score_scales if chosen_row is not None else None
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
@@ -334,7 +348,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
                                 gate_threshold=None if gate is None else gate[0],
                                 gate_low_threshold=None if gate is None else gate[1], excess=config.excess_kind,
-                                gate_output=config.gate_output)
+                                gate_output=config.gate_output,
+                                gate_exclude=tuple(suspects["classes"]) if gate is not None and suspects else ())
     inputs = verify_inputs(source, preprocess, config.batch_size, config.verify_images)
     identity = config.quantile == 100.0 and config.margin == 0.0 and chosen in (None, 100.0)
     # Where every bound is a maximum over the calibration images, the clamp is the identity on

@@ -1,4 +1,5 @@
-"""Trigger evidence for scan, prune and sweep: a given trigger, suspect images, or a synthesized trigger."""
+"""Trigger evidence for scan, prune and sweep: a given trigger, suspect images, or a synthesized trigger;
+and the suspected classes ``clamp --suspects`` excludes from gated images."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from ..measure.probes import ProbeConfig, run_probes
 from ..measure.sources import DataSource, open_source
 from ..measure.stats import ChannelStats
 from ..model.load import Model
+from ..report.reader import load_report
+from ..rewrite.exclude import exclusion_mask
 from .options import ScanConfig
 
 
@@ -203,3 +206,31 @@ def families_verdict(evidence: Evidence) -> tuple[str, str, list[dict]]:
         return "suspected", "; ".join(fired + ([syn_reason] if syn_verdict == "suspected" else [])), families
     return "clean", ("no evidence family suspects a class (" + ", ".join(quiet) + f"); patch search: {syn_reason}"), \
         families
+
+
+def given_suspects(model: Model, suspects) -> dict | None:
+    """The classes `suspects` names (``clamp --suspects``: class indices, or the path of a scan report
+    of this model), with where they came from, checked against the model's class count before any
+    pass; None for ``none`` and ``auto``."""
+    if suspects in ("none", "auto"):
+        return None
+    if isinstance(suspects, tuple):
+        section = {"source": "given", "classes": list(suspects)}
+    else:
+        report = load_report(suspects)
+        if report.model.sha256 != model.sha256:
+            raise UsageError(f"{suspects} was made for another model (sha256 {report.model.sha256[:12]}, "
+                             f"this one {model.sha256[:12]})")
+        section = {"source": str(suspects),
+                   "classes": sorted({int(c) for c in (report.evidence or {}).get("suspected") or ()})}
+    out = model.proto.graph.output[0]
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) == 2 and dims[1].HasField("dim_value"):
+        exclusion_mask(section["classes"], dims[1].dim_value, out.name)  # raises for a class out of range
+    return section
+
+
+def probed_suspects(model: Model, source: DataSource, preprocess: Preprocess, provider: str) -> dict:
+    """``clamp --suspects auto``: the classes the probe families suspect on the calibration images."""
+    checks, section, _ = run_probe_checks(model, source, preprocess, ProbeConfig(), provider)
+    return {"source": "probes", "classes": sorted({int(c.target) for c in checks if c.suspected}), "probes": section}

@@ -38,16 +38,13 @@ import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
 from ..model.load import Model
+from .exclude import exclude_when_gated
 from .graph import PREFIX, GraphFacts, Names, check_rewritable, export_graph, import_graph, np_dtype, splice_after
+from .score import SCORE_OUTPUT, SCORE_PARTS_OUTPUT, score_outputs
 
 log = logging.getLogger(__name__)
 
 
-#: Name of the per-image anomaly score output that ``clamp_maps(score_output=True)`` adds.
-SCORE_OUTPUT = "onnx_linf_score"
-#: Name of the ``[N, P]`` output of the unscaled score parts (``clamp_maps(score_parts=True)``), in
-#: the order of `ClampRecord.score_parts` over the records.
-SCORE_PARTS_OUTPUT = "onnx_linf_score_parts"
 #: Name of the bool ``[N]`` output ``clamp_maps(gate_output=True)`` adds: the images the score gate
 #: flagged (at any map: the evidence only grows from map to map).
 GATED_OUTPUT = "onnx_linf_gated"
@@ -305,7 +302,8 @@ def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | 
 def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: bool = False,
                score_parts: bool = False, score_scales: Sequence[float] | None = None,
                gate_threshold: float | None = None, gate_low_threshold: float | None = None,
-               excess: str = "clip", gate_output: bool = False,
+               excess: str = "clip", gate_output: bool = False, gate_exclude: Sequence[int] = (),
+               exclude_from: str | None = None,
                ) -> tuple[onnx.ModelProto, list[ClampRecord]]:
     """Insert the channel-mean bound and ``Min(a, hi)`` (``Max(., lo)`` too) right after each tap.
 
@@ -334,6 +332,9 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
             low parts (maps with `MeanBound.lo`) so far exceeds this; None: the low parts only score.
         gate_output: also add `GATED_OUTPUT` (needs the gate), which images it flagged: what a
             caller verifying the rewrite must leave out of an identity check.
+        gate_exclude: classes an image the gate flagged must not be given (suspected targets): its
+            scores of them in `exclude_from` (default: the first graph output, ``[N, K]``) become its
+            smallest score (`rewrite.exclude`); images the gate leaves alone come out bit for bit.
         excess: `EXCESS_KINDS`: ``clip`` keeps a value above ``hi`` at ``hi``; ``fold`` reflects it,
             ``2 hi - a``, floored at ``lo`` or, for a one-sided bound, at 0 (a one-sided bound is
             then a statement that the map is non-negative, as it is for every one-sided bound the
@@ -470,7 +471,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
                  ", channel means" if bound.mean is not None else "")
     extra: tuple[str, ...] = ()
     if score_output:
-        graph.outputs.extend(_score_outputs(graph, names, model.opset or 21, scores, score_scales, score_parts))
+        graph.outputs.extend(score_outputs(graph, names, model.opset or 21, scores, score_scales, score_parts))
         extra = (SCORE_OUTPUT, SCORE_PARTS_OUTPUT) if score_parts else (SCORE_OUTPUT,)
     if gate_output:
         if not flags:
@@ -483,34 +484,11 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
                                    outputs=[gated]))
         graph.outputs.append(gated)
         extra += (GATED_OUTPUT,)
+    if gate_exclude:
+        if not flags:
+            raise RewriteError("excluding classes from gated images needs the score gate on at least one map")
+        target = exclude_from or source.graph.output[0].name
+        renamed[exclude_when_gated(graph, tensors, facts, names, model.opset or 21, flags[-1], target,
+                                   gate_exclude)] = target
+        graph.toposort()
     return export_graph(graph, source, renamed, extra_outputs=extra), records
-
-
-def _score_outputs(graph: gs.Graph, names: Names, opset: int, parts: list[gs.Variable],
-                   scales: Sequence[float] | None, parts_output: bool) -> list[gs.Variable]:
-    """``max_k(part_k / scale_k)`` as the float32 ``[N]`` output `SCORE_OUTPUT` (and the ``[N, P]`` parts)."""
-    if not parts:
-        raise RewriteError("the score output needs at least one bounded map")
-    if scales is not None:
-        scales = np.asarray(scales, dtype=np.float64).reshape(-1)
-        if len(scales) != len(parts) or not (np.isfinite(scales).all() and (scales > 0).all()):
-            raise RewriteError(f"the score needs {len(parts)} finite positive part scales, got {len(scales)}")
-
-    def node(op: str, inputs: list, out: gs.Variable | None = None, **attrs) -> gs.Variable:
-        out = out or gs.Variable(names.fresh(f"{PREFIX}/score/{op}"), dtype=np.float32)
-        graph.nodes.append(gs.Node(op, names.fresh(f"{PREFIX}/score/{op}"), attrs=attrs, inputs=inputs, outputs=[out]))
-        return out
-
-    column = gs.Constant(names.fresh(f"{PREFIX}/score/column"), np.array([-1, 1], dtype=np.int64))
-    stacked_out = gs.Variable(SCORE_PARTS_OUTPUT, dtype=np.float32, shape=["N", len(parts)]) if parts_output else None
-    stacked = node("Concat", [node("Reshape", [p, column]) for p in parts], stacked_out, axis=1)
-    if scales is not None and not (scales == 1.0).all():
-        inv = gs.Constant(names.fresh(f"{PREFIX}/score/inv_scale"), (1.0 / scales).astype(np.float32).reshape(1, -1))
-        stacked = node("Mul", [stacked, inv])
-    out = gs.Variable(SCORE_OUTPUT, dtype=np.float32, shape=["N"])
-    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on, an attribute before
-        axes = gs.Constant(names.fresh(f"{PREFIX}/score/axes"), np.array([1], dtype=np.int64))
-        node("ReduceMax", [stacked, axes], out, keepdims=0)
-    else:
-        node("ReduceMax", [stacked], out, keepdims=0, axes=[1])
-    return [out, stacked_out] if parts_output else [out]
