@@ -162,9 +162,11 @@ CLAMP_SETTINGS = (
     ("clamp v2", "auto + gate, --evidence-quantile 99.5", dict(evidence_quantile=99.5)),
     ("clamp v2", "auto + gate, --gate-alarm 0.005 (last release's default)", dict(gate_alarm=0.005)),
     ("clamp v2", "**auto (default)**", dict(score_output=True, gate_output=True)),
+    ("clamp v2", "default + --suspects auto (gated images never given a class the probes suspect)",
+     dict(gate_output=True, suspects="auto")),
 )
-#: What ``--clamp-default-only`` runs: last release's default and today's.
-DEFAULT_ONLY = CLAMP_SETTINGS[-2:]
+#: What ``--clamp-default-only`` runs: last release's default, today's, and today's with ``--suspects auto``.
+DEFAULT_ONLY = CLAMP_SETTINGS[-3:]
 
 
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
@@ -233,6 +235,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
         detail = f"{len(result.records)} maps, {seconds:.0f} s"
         if s is not None and s["mode"] == "auto":
             detail += f"; chose q={s['quantile']:g}, {s['forwards']} forwards"
+            if (s.get("gate") or {}).get("suspects") is not None:
+                detail += f"; suspects excluded from gated images: {s['gate']['suspects']['classes']}"
         if result.report.score is not None and case.trigger is not None:
             area, clean_scores_ = score_auroc(case, result.proto)
             thr = result.report.score["threshold_1pct"]
@@ -303,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         "quantile x layers grid")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
     parser.add_argument("--clamp-default-only", action="store_true", help="of the clamp settings, only the "
-                        "default (auto strength, with the score and the gate output) and the last release's "
-                        "default (--gate-alarm 0.005)")
+                        "default (auto strength, with the score and the gate output), the same with --suspects "
+                        "auto, and the last release's default (--gate-alarm 0.005)")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())

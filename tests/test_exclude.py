@@ -129,8 +129,10 @@ def test_clamp_suspects_from_a_scan_report_and_from_the_probes(model_file, pixel
 
 def test_cli_suspects(fixtures_dir, tmp_path):
     args = ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib", str(fixtures_dir / "digits_calib")]
-    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--suspects", "0", "--json", str(tmp_path / "a.json")])
+    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--suspects", "0", "--json", str(tmp_path / "a.json"),
+                                   "--summary", str(tmp_path / "a.md")])
     assert r.exit_code == 0, r.output
+    assert "A flagged image is never given class 0 (suspected: given)." in (tmp_path / "a.md").read_text()
     assert "never given class 0 (suspected by --suspects)" in " ".join(r.output.split())
     gate = json.loads((tmp_path / "a.json").read_text())["strength"]["gate"]
     assert gate["suspects"] == {"source": "given", "classes": [0]}

@@ -107,8 +107,11 @@ def clamp_markdown(report: ClampReport) -> str:
     gate = (report.strength or {}).get("gate")
     if gate is not None and gate["kept"]:
         named = f"; the output `{gate['output']}` names the images it flags" if gate.get("output") else ""
+        suspects = gate.get("suspects") or {}
+        never = (f" A flagged image is never given class {', '.join(map(str, suspects['classes']))} (suspected: "
+                 f"{suspects['source']})." if suspects.get("classes") else "")
         lines += ["", f"Score gate: at most {100 * gate['alarm']:g}% of clean images flagged "
-                      f"({100 * gate['confidence']:.0f}% confidence), threshold {gate['threshold']:.3g}{named}."]
+                      f"({100 * gate['confidence']:.0f}% confidence), threshold {gate['threshold']:.3g}{named}.{never}"]
     ev = report.evaluation
     if ev:
         pct = lambda v, f=".1f": "" if v is None else f"{100 * v:{f}}%"  # noqa: E731
