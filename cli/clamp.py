@@ -85,6 +85,10 @@ def clamp_command(
                                           "'auto' (the probe families of scan --verdict, run here), class "
                                           "indices, or a scan --json report of this model (its suspected "
                                           "classes).")] = "none",
+    gate_response: Annotated[str, typer.Option(help="What the gate does to a flagged input: average (channel means "
+                                               "bounded at --gate), exclude (with --suspects: only the exclusion), "
+                                               "or auto: exclude where a class is suspected, else average.")]
+    = ClampConfig.gate_response,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")]
     = False,
     eval_data: EvalData = None,
@@ -128,7 +132,7 @@ def clamp_command(
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=parse_alarms(gate_alarm),
                              low_evidence=low_evidence, evidence_quantile=parse_evidence_quantile(evidence_quantile),
                              score_output=score_output, gate_output=gate_output,
-                             suspects=parse_suspects(suspects))
+                             suspects=parse_suspects(suspects), gate_response=gate_response)
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -220,15 +224,19 @@ def gate_line(gate: dict) -> str:
              if low is not None else "")
     return (f"score gate [bold]on[/]: images whose channel-mean evidence is above {gate['threshold']:.3g} "
             f"({held}){below} "
-            f"get channel means bounded at {bound} (held-out est. drop {100 * last['estimated_drop']:.2f} pt{weaker})"
+            + ("are flagged" if gate.get("response") == "exclude" else f"get channel means bounded at {bound}")
+            + f" (held-out est. drop {100 * last['estimated_drop']:.2f} pt"
+            + (" of the averaging response, the one the budget checks" if gate.get("response") == "exclude" else "")
+            + f"{weaker})"
             + (f"; output [bold]{gate['output']}[/] names them" if gate.get("output") else "")
-            + (_suspects_text(gate["suspects"]) if gate.get("suspects") is not None else ""))
+            + (_suspects_text(gate["suspects"], gate.get("response")) if gate.get("suspects") is not None else ""))
 
 
-def _suspects_text(suspects: dict) -> str:
+def _suspects_text(suspects: dict, response: str | None) -> str:
     where = {"probes": "the probe families", "given": "--suspects"}.get(suspects["source"], suspects["source"])
     classes = ", ".join(str(c) for c in suspects["classes"])
-    return (f"; never given class {classes} (suspected by {where})" if classes
+    kept = "; otherwise bounded as any other input" if response == "exclude" else ""
+    return (f"; never given class {classes} (suspected by {where}){kept}" if classes
             else f"; no class excluded ({where} suspect none)")
 
 

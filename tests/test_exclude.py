@@ -110,6 +110,31 @@ def test_clamp_suspects_given_are_never_the_class_of_a_gated_image(model_file, p
     assert json.loads(result.report.to_json())["strength"]["gate"]["suspects"]["classes"] == [sink]
 
 
+def test_gate_response_exclude_bounds_a_gated_image_as_any_other(model_file, pixels_file):
+    """With a suspect the default response (auto) is the exclusion alone: a gated image's scores are
+    those of the clamp without the gate, the suspect's replaced by the row minimum; `average` still
+    pushes it to clean averages, and `exclude` needs a suspect."""
+    path, calib, config = gated_clamp(model_file, pixels_file)
+    model = load_model(path)
+    x = Preprocess.from_model(model).apply(np.load(calib))
+    ungated = create_session(model, clamp(path, calib, dataclasses.replace(config, gate=None, gate_output=False)).proto,
+                             "cpu").run(None, x)[0]
+    pushed, gated = create_session(model, clamp(path, calib, config).proto, "cpu").run(None, x)
+    assert gated.any() and not np.array_equal(pushed[gated], ungated[gated])
+    for response in ("auto", "exclude", "average"):
+        result = clamp(path, calib, dataclasses.replace(config, suspects=(1,), gate_response=response))
+        assert result.report.strength["gate"]["response"] == ("average" if response == "average" else "exclude")
+        got, got_gated = create_session(model, result.proto, "cpu").run(None, x)
+        np.testing.assert_array_equal(got_gated, gated)
+        base = pushed if response == "average" else ungated
+        np.testing.assert_array_equal(got[:, [0, 2, 3]], base[:, [0, 2, 3]])
+        np.testing.assert_array_equal(got[gated][:, 1], base[gated].min(axis=1))
+        np.testing.assert_array_equal(got[~gated][:, 1], base[~gated][:, 1])
+    assert clamp(path, calib, config).report.strength["gate"]["response"] == "average"  # no suspect
+    with pytest.raises(UsageError, match="exclude with --suspects"):
+        ClampConfig(gate_response="exclude").validate()
+
+
 def test_clamp_suspects_from_a_scan_report_and_from_the_probes(model_file, pixels_file, tmp_path):
     path, calib, config = gated_clamp(model_file, pixels_file)
     report = scan(path, calib, ScanConfig(provider="cpu"))

@@ -166,6 +166,10 @@ class ClampConfig:
     """Add the bool ``[N]`` output ``onnx_linf_gated``: the images the gate flagged. A flagged image's
     prediction is that of an image whose channels were pushed to clean averages (mostly not its
     class), so a deployment that can refuse inputs should refuse these; refused when no gate is kept."""
+    gate_response: str = "auto"
+    """What the gate does to a flagged image: ``average`` (its channel means bounded at `gate`),
+    ``exclude`` (with `suspects`: nothing but the exclusion, its suspected classes never win), or
+    ``auto``: ``exclude`` where a class is suspected, ``average`` otherwise."""
     suspects: str | os.PathLike | tuple[int, ...] = "none"
     """Classes an image the gate flags must not be given (`rewrite.exclude`; a deployment that must
     answer every input): ``none``; ``auto``, the classes the probe families of ``scan --verdict``
@@ -201,6 +205,10 @@ class ClampConfig:
             raise UsageError(f"--strength auto needs at least 2 folds, got {self.folds}")
         validate_grid(self.strength_grid)
         choose([StrengthRow(100.0, 0.0, 0.0, 0.0)], self.rule, self.slack)  # rule and slack
+        if self.gate_response not in ("auto", "average", "exclude") or (self.gate_response == "exclude"
+                                                                         and self.suspects == "none"):
+            raise UsageError(f"--gate-response takes auto, average, or exclude with --suspects; got "
+                             f"{self.gate_response!r}")
         if isinstance(self.suspects, tuple) and not all(isinstance(c, int) and c >= 0 for c in self.suspects):
             raise UsageError(f"suspected classes must be class indices >= 0, got {self.suspects!r}")
 
@@ -337,6 +345,11 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     elif config.suspects != "none":
         suspects = suspects or probed_suspects(model, source, preprocess, config.provider)
         strength["gate"]["suspects"] = suspects
+    response = config.gate_response
+    if response == "auto":  # with a suspected class, the exclusion alone (README, "Suspected classes")
+        response = "exclude" if suspects and suspects["classes"] else "average"
+    if gate is not None:
+        strength["gate"]["response"] = response
     chosen_row = next((r for r in rows if r.quantile == chosen), None)
     scales = chosen_row.score_scales if chosen_row is not None else None
     final = bounds_at(plans, stats, len(source), strength=chosen, position_quantile=config.quantile,
@@ -345,6 +358,9 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         final = _fold_reference(final, plans, folds, chosen)
     if gate is not None:
         final = with_gate(final, plans, stats, len(source), config.gate)
+        if response == "exclude":  # flag only: a gated image is bounded as any other
+            final = {k: b if b.mean is None else dataclasses.replace(b, mean=dataclasses.replace(
+                b.mean, gate_hi=None if b.mean.gate_hi is None else b.mean.hi)) for k, b in final.items()}
     proto, records = clamp_maps(editable, final, score_output=config.score_output, score_scales=scales or None,
                                 gate_threshold=None if gate is None else gate[0],
                                 gate_low_threshold=None if gate is None else gate[1], excess=config.excess_kind,
