@@ -36,7 +36,7 @@ def test_evaluate_counts_what_refusing_the_flagged_images_gives(fixtures_dir, ga
     test = open_labelled(fixtures_dir / "digits_test.npz", pp)
     ev = evaluate(model, test, pp, trigger=trig, target=0, proto=proto, provider="cpu", refusal=GATED_OUTPUT)
     session = create_session(model, proto, "cpu")
-    right, refused, hit, refused_t, keep = [], [], [], [], []
+    right, refused, hit, refused_t, keep, recovered = [], [], [], [], [], []
     for batch in test.batches(64):
         logits, flag = session.run(None, model_tensor(batch, pp))
         right.append(logits.argmax(1) == batch.labels)
@@ -44,13 +44,16 @@ def test_evaluate_counts_what_refusing_the_flagged_images_gives(fixtures_dir, ga
         logits, flag = session.run(None, model_tensor(batch, pp, trig))
         keep.append(batch.labels != 0)
         hit.append(logits.argmax(1) == 0)
+        recovered.append(logits.argmax(1) == batch.labels)
         refused_t.append(flag)
-    right, refused, hit, refused_t, keep = map(np.concatenate, (right, refused, hit, refused_t, keep))
+    right, refused, hit, refused_t, keep, recovered = map(np.concatenate,
+                                                          (right, refused, hit, refused_t, keep, recovered))
     assert ev.accuracy == pytest.approx(right.mean()) and ev.asr == pytest.approx(hit[keep].mean())
     assert ev.refused == pytest.approx(refused.mean())
     assert ev.accepted_correct == pytest.approx((right & ~refused).mean())
     assert ev.refused_triggered == pytest.approx(refused_t[keep].mean())
     assert ev.asr_accepted == pytest.approx((hit & ~refused_t)[keep].mean())
+    assert ev.triggered_accuracy == pytest.approx(recovered[keep].mean())
     # measured: the gate flags every triggered test image of this fixture and about 0.5% of clean ones
     assert ev.refused_triggered >= 0.95 and ev.asr_accepted <= 0.02 and ev.refused <= 0.02
     plain = evaluate(model, test, pp, trigger=trig, target=0, proto=proto, provider="cpu")

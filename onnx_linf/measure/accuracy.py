@@ -49,6 +49,9 @@ class Evaluation:
     """The share of the ASR's triggered images it refused."""
     asr_accepted: float | None = None
     """The share of the ASR's triggered images accepted *and* classified as the target."""
+    triggered_accuracy: float | None = None
+    """The share of the ASR's triggered images classified as their true class (how much of the
+    backdoor a defence *undid*, not only stopped); None without a trigger."""
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -81,12 +84,14 @@ class Counts:
     accepted_correct: int = 0
     refused_triggered: int = 0
     accepted_hits: int = 0
+    triggered_correct: int = 0
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(self.correct + other.correct, self.total + other.total, self.hits + other.hits,
                       self.counted + other.counted, self.provider or other.provider, self.refused + other.refused,
                       self.accepted_correct + other.accepted_correct,
-                      self.refused_triggered + other.refused_triggered, self.accepted_hits + other.accepted_hits)
+                      self.refused_triggered + other.refused_triggered, self.accepted_hits + other.accepted_hits,
+                      self.triggered_correct + other.triggered_correct)
 
 
 @dataclass(frozen=True)
@@ -124,10 +129,12 @@ class AccuracyJob:
                     keep = labels != target
                     if keep.any():
                         logits, refused = run(model_tensor(batch, preprocess, self.trigger))
-                        hit, refused = (logits.argmax(axis=-1) == target)[keep], refused[keep]
+                        top = logits.argmax(axis=-1)[keep]
+                        hit, refused = top == target, refused[keep]
                         stamped += Counts(hits=int(hit.sum()), counted=int(keep.sum()),
                                           refused_triggered=int(refused.sum()),
-                                          accepted_hits=int((hit & ~refused).sum()))
+                                          accepted_hits=int((hit & ~refused).sum()),
+                                          triggered_correct=int((top == labels[keep]).sum()))
                 progress.advance(len(labels))
         finally:
             progress.finish()
@@ -181,6 +188,8 @@ def evaluate(model: Model, data: DataSource, preprocess: Preprocess, *, trigger:
         accepted_correct=share(c.accepted_correct, c.total),
         refused_triggered=share(c.refused_triggered, c.counted) if trigger is not None else None,
         asr_accepted=share(c.accepted_hits, c.counted) if trigger is not None else None,
+        triggered_accuracy=(c.triggered_correct / c.counted if c.counted else float("nan"))
+        if trigger is not None else None,
     )
 
 
