@@ -160,13 +160,14 @@ CLAMP_SETTINGS = (
     ("clamp v2", "auto + gate, upper evidence against the bound only (the default two releases ago)",
      dict(low_evidence=False, evidence_quantile=None, fold_reference=False, gate_alarm=0.005)),
     ("clamp v2", "auto + gate, --evidence-quantile 99.5", dict(evidence_quantile=99.5)),
-    ("clamp v2", "auto + gate, --gate-alarm 0.005 (last release's default)", dict(gate_alarm=0.005)),
-    ("clamp v2", "**auto (default)**", dict(score_output=True, gate_output=True)),
-    ("clamp v2", "default + --suspects auto (gated images never given a class the probes suspect)",
-     dict(gate_output=True, suspects="auto")),
+    ("clamp v2", "auto + gate, --gate-alarm 0.005 (the default two releases ago)", dict(gate_alarm=0.005)),
+    ("clamp v2", "auto + gate, --suspects none (last release's default: gated images pushed to clean averages)",
+     dict(gate_output=True, suspects="none")),
+    ("clamp v2", "**auto (default)**: gated images never given a class the probes suspect",
+     dict(score_output=True, gate_output=True)),
 )
-#: What ``--clamp-default-only`` runs: last release's default, today's, and today's with ``--suspects auto``.
-DEFAULT_ONLY = CLAMP_SETTINGS[-3:]
+#: What ``--clamp-default-only`` runs: last release's default (``--suspects none``) and today's.
+DEFAULT_ONLY = CLAMP_SETTINGS[-2:]
 
 
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
@@ -307,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                         "quantile x layers grid")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dormant / CLP rows")
     parser.add_argument("--clamp-default-only", action="store_true", help="of the clamp settings, only the "
-                        "default (auto strength, with the score and the gate output), the same with --suspects "
-                        "auto, and the last release's default (--gate-alarm 0.005)")
+                        "default (auto strength, suspects from the probes, with the score and the gate output) and "
+                        "the last release's default (--suspects none)")
     args = parser.parse_args(argv)
     _register_optional()
     cases = list(digits_cases())

@@ -82,9 +82,10 @@ def clamp_command(
                                               "refuse (their predictions are not their class).")] = False,
     suspects: Annotated[str, typer.Option(metavar="none|auto|CLASS[,CLASS...]|REPORT.json",
                                           help="Classes an input the score gate flags must never be given: "
-                                          "'auto' (the probe families of scan --verdict, run here), class "
-                                          "indices, or a scan --json report of this model (its suspected "
-                                          "classes).")] = "none",
+                                          "'auto' (the probe families of scan --verdict, run here: about 33k "
+                                          "forwards), class indices, a scan --json report of this model (its "
+                                          "suspected classes, no extra cost), or 'none'.")]
+    = str(ClampConfig.suspects),
     gate_response: Annotated[str, typer.Option(help="What the gate does to a flagged input: average (channel means "
                                                "bounded at --gate), exclude (with --suspects: only the exclusion), "
                                                "or auto: exclude where a class is suspected, else average.")]

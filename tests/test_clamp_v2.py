@@ -120,12 +120,21 @@ def test_strength_rule_takes_the_unbroken_run_from_100():
         choose(rows({99.0: 0.0}))
 
 
+def decisions(strength: dict) -> dict:
+    """The strength section without the probes' wall time (the only value that may differ between runs)."""
+    out = json.loads(json.dumps(strength))
+    probes = out.get("gate", {}).get("suspects", {}).get("probes", {})
+    for timed in [probes, *probes.get("families", [])]:
+        timed.pop("seconds", None)
+    return out
+
+
 def test_cross_fit_is_deterministic_and_reported(model_file, pixels_file):
     path = model_file(models.plain_cnn())
     calib = pixels_file(40, 8, 8, 3)
     a = clamp(path, calib, ClampConfig(provider="cpu", batch_size=6))
     b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=6))
-    assert a.report.strength == b.report.strength
+    assert decisions(a.report.strength) == decisions(b.report.strength)
     assert a.proto.SerializeToString() == b.proto.SerializeToString()
     s = a.report.strength
     assert s["mode"] == "auto" and s["folds"] == 5 and s["candidates"][0]["quantile"] == 100.0
@@ -209,7 +218,8 @@ def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
     a = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
     b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
     gate = a.report.strength["gate"]
-    assert gate == b.report.strength["gate"] and a.proto.SerializeToString() == b.proto.SerializeToString()
+    assert decisions(a.report.strength) == decisions(b.report.strength)
+    assert a.proto.SerializeToString() == b.proto.SerializeToString()
     assert gate["quantile"] == 50.0 and isinstance(gate["kept"], bool) and gate["tried"]
     assert gate["tried"][0]["quantile"] == gate["strength_without_gate"]
     if gate["kept"]:  # deployed at the strength where the gated rewrite fitted the budget

@@ -88,7 +88,7 @@ def gated_clamp(model_file, pixels_file):
     path = model_file(models.plain_cnn())
     calib = pixels_file(1000, 8, 8, 3)
     config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, evidence_quantile=99.5,
-                         gate_output=True)
+                         gate_output=True, suspects="none")
     return path, calib, config
 
 
@@ -132,7 +132,7 @@ def test_gate_response_exclude_bounds_a_gated_image_as_any_other(model_file, pix
         np.testing.assert_array_equal(got[~gated][:, 1], base[~gated][:, 1])
     assert clamp(path, calib, config).report.strength["gate"]["response"] == "average"  # no suspect
     with pytest.raises(UsageError, match="exclude with --suspects"):
-        ClampConfig(gate_response="exclude").validate()
+        ClampConfig(gate_response="exclude", suspects="none").validate()
 
 
 def test_clamp_suspects_from_a_scan_report_and_from_the_probes(model_file, pixels_file, tmp_path):

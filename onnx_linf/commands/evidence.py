@@ -223,14 +223,22 @@ def given_suspects(model: Model, suspects) -> dict | None:
                              f"this one {model.sha256[:12]})")
         section = {"source": str(suspects),
                    "classes": sorted({int(c) for c in (report.evidence or {}).get("suspected") or ()})}
-    out = model.proto.graph.output[0]
-    dims = out.type.tensor_type.shape.dim
-    if len(dims) == 2 and dims[1].HasField("dim_value"):
-        exclusion_mask(section["classes"], dims[1].dim_value, out.name)  # raises for a class out of range
+    if declared_classes(model) is not None:  # raises for a class out of range
+        exclusion_mask(section["classes"], declared_classes(model), model.proto.graph.output[0].name)
     return section
 
 
+def declared_classes(model: Model) -> int | None:
+    """K of the first graph output when it is declared ``[N, K]`` with a static K, else None."""
+    dims = model.proto.graph.output[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
+
+
 def probed_suspects(model: Model, source: DataSource, preprocess: Preprocess, provider: str) -> dict:
-    """``clamp --suspects auto``: the classes the probe families suspect on the calibration images."""
+    """``clamp --suspects auto``: the classes the probe families suspect on the calibration images;
+    none, with the reason, for a model whose first output is not a declared ``[N, K]`` classifier."""
+    if declared_classes(model) is None:
+        return {"source": "probes", "classes": [],
+                "skipped": "the first output is not a declared [N, K] classifier output: nothing to exclude from"}
     checks, section, _ = run_probe_checks(model, source, preprocess, ProbeConfig(), provider)
     return {"source": "probes", "classes": sorted({int(c.target) for c in checks if c.suspected}), "probes": section}
