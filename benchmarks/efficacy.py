@@ -244,7 +244,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             far = float((clean_scores_ > thr).mean()) if thr is not None else float("nan")
             detail += f"; score AUROC {area:.3f}, clean test above the 1% threshold: {100 * far:.1f}%"
         if flagged:
-            detail += "; " + refusal(ev) + f"; triggered images given their true class: {100 * ev.triggered_accuracy:.1f}%"
+            detail += "; " + refusal(ev)
+            detail += f"; triggered images given their true class: {100 * ev.triggered_accuracy:.1f}%"
         rows.append(Row(defence, label, acc, asr, detail))
     if not grid:
         return rows
