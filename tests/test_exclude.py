@@ -167,3 +167,15 @@ def test_cli_suspects(fixtures_dir, tmp_path):
     r = runner.invoke(app, args + ["-o", str(tmp_path / "c.onnx"), "--suspects", "7,12"])
     assert r.exit_code != 0 and "classes [12] are not among the 10 classes" in " ".join(r.output.split())
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_where_the_probes_suspect_nothing_the_default_clamp_is_last_releases(fixtures_dir):
+    """digits_clean: the probes suspect no class (measured), so the default clamp (--suspects auto)
+    writes exactly the model --suspects none writes, and reports the probes it ran."""
+    model = load_model(fixtures_dir / "digits_clean.onnx")
+    auto = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu"))
+    none = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", suspects="none"))
+    suspects = auto.report.strength["gate"]["suspects"]
+    assert suspects["source"] == "probes" and suspects["classes"] == [] and suspects["probes"]["queries"] > 10_000
+    assert auto.report.strength["gate"]["response"] == "average" and "suspects" not in none.report.strength["gate"]
+    assert auto.proto.SerializeToString() == none.proto.SerializeToString()
