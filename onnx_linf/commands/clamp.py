@@ -343,7 +343,7 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if config.suspects not in ("none", "auto") and gate is None:
         notes.append("suspected classes not excluded: no score gate, so no image is flagged")
     elif config.suspects != "none" and gate is not None:
-        suspects = suspects or probed_suspects(model, source, preprocess, config.provider)
+        suspects = suspects or probed_suspects(model, source, preprocess, config.provider, config.batch_size)
         strength["gate"]["suspects"] = suspects
     response = config.gate_response
     if response == "auto":  # with a suspected class, the exclusion alone (README, "Suspected classes")

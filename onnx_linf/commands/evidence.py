@@ -234,11 +234,13 @@ def declared_classes(model: Model) -> int | None:
     return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
 
 
-def probed_suspects(model: Model, source: DataSource, preprocess: Preprocess, provider: str) -> dict:
+def probed_suspects(model: Model, source: DataSource, preprocess: Preprocess, provider: str,
+                    batch_size: int = ProbeConfig.batch_size) -> dict:
     """``clamp --suspects auto``: the classes the probe families suspect on the calibration images;
     none, with the reason, for a model whose first output is not a declared ``[N, K]`` classifier."""
     if declared_classes(model) is None:
         return {"source": "probes", "classes": [],
                 "skipped": "the first output is not a declared [N, K] classifier output: nothing to exclude from"}
-    checks, section, _ = run_probe_checks(model, source, preprocess, ProbeConfig(), provider)
+    config = ProbeConfig(batch_size=batch_size)
+    checks, section, _ = run_probe_checks(model, source, preprocess, config, provider)
     return {"source": "probes", "classes": sorted({int(c.target) for c in checks if c.suspected}), "probes": section}
