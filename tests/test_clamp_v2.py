@@ -215,8 +215,8 @@ def test_auto_clamp_scales_each_score_part_by_its_held_out_percentile(model_file
 def test_score_gate_is_cross_fitted_and_reported(model_file, pixels_file):
     path = model_file(models.resnet_block())
     calib = pixels_file(40, 8, 8, 3)
-    a = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
-    b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0))
+    a = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0, suspects="none"))
+    b = clamp(path, calib, ClampConfig(provider="cpu", batch_size=8, gate=50.0, suspects="none"))
     gate = a.report.strength["gate"]
     assert decisions(a.report.strength) == decisions(b.report.strength)
     assert a.proto.SerializeToString() == b.proto.SerializeToString()
@@ -285,7 +285,7 @@ def test_identity_verification_leaves_out_the_images_the_graded_gate_flags(model
     path = model_file(models.plain_cnn())
     calib = pixels_file(1000, 8, 8, 3)
     config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, verify_images=1000,
-                         evidence_quantile=99.5)
+                         suspects="none", evidence_quantile=99.5)
     result = clamp(path, calib, config)
     assert result.report.strength["quantile"] == 100.0 and result.report.strength["gate"]["kept"]
     assert result.report.verification["ok"]
@@ -421,7 +421,8 @@ def test_gate_output_names_exactly_the_images_the_gate_changes(model_file, pixel
 
     path = model_file(models.plain_cnn())
     calib = pixels_file(1000, 8, 8, 3)
-    config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, evidence_quantile=99.5)
+    config = ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.5, evidence_quantile=99.5,
+                         suspects="none")
     plain = clamp(path, calib, config)
     result = clamp(path, calib, dataclasses.replace(config, gate_output=True))
     assert result.report.verification["ok"] and result.report.strength["gate"]["output"] == GATED_OUTPUT
@@ -445,7 +446,7 @@ def test_gate_output_is_refused_where_no_gate_is_kept(model_file, pixels_file, f
     out = tmp_path / "never.onnx"
     with pytest.raises(UsageError, match="the score gate was left out"):  # 20% gated cannot fit a zero budget
         clamp(path, calib, ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=0.2, slack=0.0,
-                                       gate_output=True), output=out)
+                                       suspects="none", gate_output=True), output=out)
     assert not out.exists()
     r = runner.invoke(app, ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib",
                             str(fixtures_dir / "digits_calib"), "-o", str(tmp_path / "x.onnx"), "--gate-output",
@@ -460,7 +461,7 @@ def test_gate_falls_back_to_the_smaller_alarm_where_the_larger_fits_no_strength(
     path = model_file(models.plain_cnn())
     calib = pixels_file(1000, 8, 8, 3)
     result = clamp(path, calib, ClampConfig(provider="cpu", strength_grid=(100.0,), gate_alarm=(0.002, 0.2),
-                                            slack=0.0))
+                                            suspects="none", slack=0.0))
     gate = result.report.strength["gate"]
     assert gate["alarms"] == [0.2, 0.002] and [t["alarm"] for t in gate["tried"]] == [0.2, 0.002]
     assert gate["kept"] and gate["alarm"] == 0.002 and gate["threshold"] == gate["tried"][1]["threshold"]
@@ -488,7 +489,7 @@ def test_report_names_the_strength_the_gate_raised_to(model_file, pixels_file):
     path = model_file(models.plain_cnn())
     calib = pixels_file(1000, 8, 8, 3)
     result = clamp(path, calib, ClampConfig(provider="cpu", strength_grid=(100.0, 70.0), gate_alarm=0.05,
-                                            slack=0.0175))
+                                            suspects="none", slack=0.0175))
     s = result.report.strength
     assert s["gate"]["kept"] and s["gate"]["strength_without_gate"] == 70.0
     assert [t["quantile"] for t in s["gate"]["tried"]] == [70.0, 100.0] and s["quantile"] == 100.0

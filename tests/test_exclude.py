@@ -154,8 +154,8 @@ def test_clamp_suspects_from_a_scan_report_and_from_the_probes(model_file, pixel
 
 def test_cli_suspects(fixtures_dir, tmp_path):
     args = ["clamp", str(fixtures_dir / "digits_blended.onnx"), "--calib", str(fixtures_dir / "digits_calib")]
-    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--suspects", "0", "--json", str(tmp_path / "a.json"),
-                                   "--summary", str(tmp_path / "a.md")])
+    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--suspects", "0",
+                                   "--json", str(tmp_path / "a.json"), "--summary", str(tmp_path / "a.md")])
     assert r.exit_code == 0, r.output
     assert "A flagged image is never given class 0 (suspected: given)." in (tmp_path / "a.md").read_text()
     assert "never given class 0 (suspected by --suspects)" in " ".join(r.output.split())
@@ -169,13 +169,22 @@ def test_cli_suspects(fixtures_dir, tmp_path):
     assert not (tmp_path / "c.onnx").exists()
 
 
-def test_where_the_probes_suspect_nothing_the_default_clamp_is_last_releases(fixtures_dir):
+def test_where_the_probes_suspect_nothing_the_gate_alarm_is_capped(fixtures_dir):
     """digits_clean: the probes suspect no class (measured), so the default clamp (--suspects auto)
-    writes exactly the model --suspects none writes, and reports the probes it ran."""
+    writes exactly the model --suspects none --gate-alarm 0.005 writes (uncapped: --suspects none's),
+    and reports the probes it ran; with a suspect (digits_blended) both alarms are tried."""
     model = load_model(fixtures_dir / "digits_clean.onnx")
     auto = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu"))
     none = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", suspects="none"))
     suspects = auto.report.strength["gate"]["suspects"]
     assert suspects["source"] == "probes" and suspects["classes"] == [] and suspects["probes"]["queries"] > 10_000
     assert auto.report.strength["gate"]["response"] == "average" and "suspects" not in none.report.strength["gate"]
-    assert auto.proto.SerializeToString() == none.proto.SerializeToString()
+    # No suspect: the gate's alarm is capped at 0.5% (here both alarms fit, 1% is kept without the cap)
+    assert auto.report.strength["gate"]["alarms"] == [0.005] and none.report.strength["gate"]["alarms"] == [0.01, 0.005]
+    uncapped = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", unsuspected_alarm=None))
+    assert uncapped.proto.SerializeToString() == none.proto.SerializeToString()
+    capped = clamp(model, fixtures_dir / "digits_calib", ClampConfig(provider="cpu", suspects="none", gate_alarm=0.005))
+    assert auto.proto.SerializeToString() == capped.proto.SerializeToString()
+    blended = clamp(fixtures_dir / "digits_blended.onnx", fixtures_dir / "digits_calib", ClampConfig(provider="cpu"))
+    assert blended.report.strength["gate"]["suspects"]["classes"] == [0]
+    assert blended.report.strength["gate"]["alarms"] == [0.01, 0.005]

@@ -77,6 +77,7 @@ DEFAULT_GATE = "mean"
 #: Blended and SIG model's, for 0.4-0.9% of clean images (README, "The gate's alarm"). A gated image
 #: is pushed to clean averages and mostly loses its class: `gate_output` lets a deployment refuse it.
 DEFAULT_GATE_ALARM = (0.01, 0.005)
+DEFAULT_UNSUSPECTED_ALARM = 0.005  # `ClampConfig.unsuspected_alarm`
 #: Quantile the channel-mean evidence is graded against when the cross-fit chose a strength above it
 #: (`ClampConfig.evidence_quantile`); None by default: on two retrained models it cut the ASR
 #: (VGG Blended 13.4 -> 1.8%), on two others it raised it (ResNet-8 Blended 16.3 -> 33.2%: the graded
@@ -170,6 +171,9 @@ class ClampConfig:
     """What the gate does to a flagged image: ``average`` (its channel means bounded at `gate`),
     ``exclude`` (with `suspects`: nothing but the exclusion, its suspected classes never win), or
     ``auto``: ``exclude`` where a class is suspected, ``average`` otherwise."""
+    unsuspected_alarm: float | None = DEFAULT_UNSUSPECTED_ALARM
+    """Where `suspects` names no class (the probes found none) the gate's alarms are capped at this
+    (None: not): without evidence of a backdoor, fewer clean images are pushed to clean averages."""
     suspects: str | os.PathLike | tuple[int, ...] = "auto"
     """Classes an image the gate flags must not be given (`rewrite.exclude`): ``auto`` (default), the
     classes the probe families of ``scan --verdict`` suspect on the calibration images (260 forwards
@@ -209,6 +213,8 @@ class ClampConfig:
                                                                          and self.suspects == "none"):
             raise UsageError(f"--gate-response takes auto, average, or exclude with --suspects; got "
                              f"{self.gate_response!r}")
+        if self.unsuspected_alarm is not None and not 0 < self.unsuspected_alarm < 0.5:
+            raise UsageError(f"the unsuspected alarm must be in (0, 0.5) or None, got {self.unsuspected_alarm}")
         if isinstance(self.suspects, tuple) and not all(isinstance(c, int) and c >= 0 for c in self.suspects):
             raise UsageError(f"suspected classes must be class indices >= 0, got {self.suspects!r}")
 
@@ -327,7 +333,12 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
         strength = {"mode": "fixed", "quantile": fixed, "power": config.power}
     gate = None
     if auto and config.gate is not None:
-        chosen, gate, strength["gate"] = fit_gate(editable, plans, folds, source, preprocess, config, rows, chosen,
+        if config.suspects != "none":  # before the gate: with no suspect its alarm is capped
+            suspects = suspects or probed_suspects(model, source, preprocess, config.provider, config.batch_size)
+        cap = config.unsuspected_alarm if config.suspects != "none" and not suspects["classes"] else None
+        fitting = config if cap is None else dataclasses.replace(
+            config, gate_alarm=tuple(a for a in config.gate_alarms if a <= cap) or cap)
+        chosen, gate, strength["gate"] = fit_gate(editable, plans, folds, source, preprocess, fitting, rows, chosen,
                                                   progress)
         strength["forwards"] += len(source) * len(strength["gate"]["tried"])
         if gate is None:
@@ -343,7 +354,6 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if config.suspects not in ("none", "auto") and gate is None:
         notes.append("suspected classes not excluded: no score gate, so no image is flagged")
     elif config.suspects != "none" and gate is not None:
-        suspects = suspects or probed_suspects(model, source, preprocess, config.provider, config.batch_size)
         strength["gate"]["suspects"] = suspects
     response = config.gate_response
     if response == "auto":  # with a suspected class, the exclusion alone (README, "Suspected classes")
