@@ -86,6 +86,9 @@ def clamp_command(
                                           "forwards), class indices, a scan --json report of this model (its "
                                           "suspected classes, no extra cost), or 'none'.")]
     = str(ClampConfig.suspects),
+    unsuspected_alarm: Annotated[str, typer.Option(help="Where --suspects names no class, cap the gate's alarms at "
+                                                   "this share ('none': no cap).")]
+    = f"{ClampConfig.unsuspected_alarm:g}" if ClampConfig.unsuspected_alarm is not None else "none",
     gate_response: Annotated[str, typer.Option(help="What the gate does to a flagged input: average (channel means "
                                                "bounded at --gate), exclude (with --suspects: only the exclusion), "
                                                "or auto: exclude where a class is suspected, else average.")]
@@ -133,7 +136,8 @@ def clamp_command(
                              slack=strength_budget, gate=parse_gate(gate), gate_alarm=parse_alarms(gate_alarm),
                              low_evidence=low_evidence, evidence_quantile=parse_evidence_quantile(evidence_quantile),
                              score_output=score_output, gate_output=gate_output,
-                             suspects=parse_suspects(suspects), gate_response=gate_response)
+                             suspects=parse_suspects(suspects), gate_response=gate_response,
+                             unsuspected_alarm=parse_cap(unsuspected_alarm))
         m = load_model(model)
         result = clamp(m, calib, config, output=output, force=force, progress=BarProgress(quiet))
         report = result.report
@@ -239,6 +243,16 @@ def _suspects_text(suspects: dict, response: str | None) -> str:
     kept = "; otherwise bounded as any other input" if response == "exclude" else ""
     return (f"; never given class {classes} (suspected by {where}){kept}" if classes
             else f"; no class excluded ({where} suspect none)")
+
+
+def parse_cap(value: str) -> float | None:
+    """'none' or a share; the range is checked by `ClampConfig.validate`."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"--unsuspected-alarm takes a share in (0, 0.5) or none, got {value!r}") from None
 
 
 def parse_suspects(value: str) -> str | tuple[int, ...]:

@@ -188,3 +188,13 @@ def test_where_the_probes_suspect_nothing_the_gate_alarm_is_capped(fixtures_dir)
     blended = clamp(fixtures_dir / "digits_blended.onnx", fixtures_dir / "digits_calib", ClampConfig(provider="cpu"))
     assert blended.report.strength["gate"]["suspects"]["classes"] == [0]
     assert blended.report.strength["gate"]["alarms"] == [0.01, 0.005]
+
+
+def test_cli_unsuspected_alarm(fixtures_dir, tmp_path):
+    args = ["clamp", str(fixtures_dir / "digits_clean.onnx"), "--calib", str(fixtures_dir / "digits_calib")]
+    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--unsuspected-alarm", "x"])
+    assert r.exit_code == 2 and "--unsuspected-alarm takes a share in (0, 0.5) or none" in r.output
+    r = runner.invoke(app, args + ["-o", str(tmp_path / "a.onnx"), "--unsuspected-alarm", "none",
+                                   "--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "a.json").read_text())["strength"]["gate"]["alarms"] == [0.01, 0.005]
