@@ -131,7 +131,7 @@ def test_gate_response_exclude_bounds_a_gated_image_as_any_other(model_file, pix
         np.testing.assert_array_equal(got[gated][:, 1], base[gated].min(axis=1))
         np.testing.assert_array_equal(got[~gated][:, 1], base[~gated][:, 1])
     assert clamp(path, calib, config).report.strength["gate"]["response"] == "average"  # no suspect
-    with pytest.raises(UsageError, match="exclude with --suspects"):
+    with pytest.raises(UsageError, match="exclude with --suspects; not .exclude."):
         ClampConfig(gate_response="exclude", suspects="none").validate()
 
 

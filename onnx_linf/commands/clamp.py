@@ -75,7 +75,7 @@ DEFAULT_GATE = "mean"
 #: confidence, `decide.strength.gate_threshold`). 0.005 alone (the previous default) let 18-26% of
 #: the Blended models' triggered images through unflagged; at 0.01 the gate flagged 93-99% of every
 #: Blended and SIG model's, for 0.4-0.9% of clean images (README, "The gate's alarm"). A gated image
-#: is pushed to clean averages and mostly loses its class: `gate_output` lets a deployment refuse it.
+#: without a suspect is pushed to clean averages, mostly losing its class (`gate_output`: refuse it).
 DEFAULT_GATE_ALARM = (0.01, 0.005)
 DEFAULT_UNSUSPECTED_ALARM = 0.005  # `ClampConfig.unsuspected_alarm`
 #: Quantile the channel-mean evidence is graded against when the cross-fit chose a strength above it
@@ -177,7 +177,7 @@ class ClampConfig:
     suspects: str | os.PathLike | tuple[int, ...] = "auto"
     """Classes an image the gate flags must not be given (`rewrite.exclude`): ``auto`` (default), the
     classes the probe families of ``scan --verdict`` suspect on the calibration images (260 forwards
-    per probed image, 128 images: ~33k forwards, run only where a gate is kept); class indices; a
+    per probed image, 128 images: ~33k forwards, run wherever the gate is on); class indices; a
     scan report (``--json``) of this model, its suspected classes; or ``none``."""
 
     def validate(self) -> None:
@@ -209,10 +209,9 @@ class ClampConfig:
             raise UsageError(f"--strength auto needs at least 2 folds, got {self.folds}")
         validate_grid(self.strength_grid)
         choose([StrengthRow(100.0, 0.0, 0.0, 0.0)], self.rule, self.slack)  # rule and slack
-        if self.gate_response not in ("auto", "average", "exclude") or (self.gate_response == "exclude"
-                                                                         and self.suspects == "none"):
-            raise UsageError(f"--gate-response takes auto, average, or exclude with --suspects; got "
-                             f"{self.gate_response!r}")
+        if self.gate_response not in ("auto", "average", "exclude") or (self.gate_response, self.suspects) == (
+                "exclude", "none"):
+            raise UsageError(f"--gate-response: auto, average, or exclude with --suspects; not {self.gate_response!r}")
         if self.unsuspected_alarm is not None and not 0 < self.unsuspected_alarm < 0.5:
             raise UsageError(f"the unsuspected alarm must be in (0, 0.5) or None, got {self.unsuspected_alarm}")
         if isinstance(self.suspects, tuple) and not all(isinstance(c, int) and c >= 0 for c in self.suspects):
@@ -264,7 +263,8 @@ def clamp(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     (``a * min(B / mean, 1)^p``, for triggers spread over the image) and then the position clamp
     ``Min(a, τ)`` (``Max(a, lo)`` too on maps that go negative; per channel where the spatial size
     is not static). No trigger, labels or gradients: clean images and forward passes only. The
-    channel-mean strength is cross-fitted on the calibration images unless fixed.
+    channel-mean strength is cross-fitted on the calibration images unless fixed; images the score
+    gate flags are never given a suspected class (`ClampConfig.suspects`, the probes by default).
 
     Raises:
         UsageError: bad options or output path.
