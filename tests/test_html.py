@@ -97,3 +97,19 @@ def test_cli_scan_report_has_heatmaps_and_plain_scan_skips_them(tmp_path):
     assert "Activation heatmaps of the flagged channels" in (tmp_path / "s.html").read_text()
     plain = scan(fx / "digits_badnets.onnx", reports.CALIB, ScanConfig(limit=16, provider="cpu"))
     assert plain.visuals is None or plain.visuals.heatmaps is None
+
+
+def test_clamp_report_states_the_gate_and_its_suspects(tmp_path):
+    fx = reports.FIXTURES
+    args = ["clamp", str(fx / "digits_blended.onnx"), "--calib", str(fx / "digits_calib"), "--provider", "cpu",
+            "-o", str(tmp_path / "safe.onnx"), "-q", "--report", str(tmp_path / "c.html"),
+            "--eval-data", str(fx / "digits_test.npz"), "--trigger", str(fx / "digits_blended_trigger.png"),
+            "--mask", str(fx / "digits_blended_mask.png"), "--target", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    doc = (tmp_path / "c.html").read_text()
+    assert_self_contained(doc)
+    gate = doc[doc.index("<h2>Score gate</h2>"):]
+    assert "kept from the suspected classes only" in gate and "<th>suspected classes</th><td>0</td>" in gate
+    assert "<th>suspected by</th><td>probes</td>" in gate and "probe forwards" in gate
+    assert "triggered, true class" in doc

@@ -227,6 +227,7 @@ def clamp_body(report: ClampReport) -> str:
                  [[m.tap, m.granularity, m.elements, "yes" if m.two_sided else "", f"{m.hi_mean:.4g}",
                    f"{m.hi_max:.4g}", "" if m.lo_min is None else f"{m.lo_min:.4g}"] for m in report.maps],
                  numeric=(2, 4, 5, 6))]
+    out.append(_gate_section((report.strength or {}).get("gate")))
     if report.visuals is not None and report.visuals.bounds:
         out.append("<h2>Bound headroom</h2><p>Left: each map's mean and largest upper bound. Right: how far the "
                    "position bounds sit under the largest bound of their channel; a patch trigger that lifts one "
@@ -235,10 +236,30 @@ def clamp_body(report: ClampReport) -> str:
     ev = report.evaluation
     if ev:
         out.append("<h2>Clean accuracy and attack success</h2>")
-        out.append(table(["model", "images", "clean ACC", "ASR"], [
-            [name, e["images"], f"{100 * e['accuracy']:.2f}%", "" if e.get("asr") is None else f"{100 * e['asr']:.1f}%"]
-            for name, e in (("original", ev["before"]), ("clamped", ev["after"]))], numeric=(1, 2, 3)))
+        pct = lambda v, f=".1f": "" if v is None else f"{100 * v:{f}}%"  # noqa: E731
+        out.append(table(["model", "images", "clean ACC", "ASR", "triggered, true class"], [
+            [name, e["images"], pct(e["accuracy"], ".2f"), pct(e.get("asr")), pct(e.get("triggered_accuracy"))]
+            for name, e in (("original", ev["before"]), ("clamped", ev["after"]))], numeric=(1, 2, 3, 4)))
     return "".join(out)
+
+
+def _gate_section(gate: dict | None) -> str:
+    """The score gate: kept or why not, its alarm and threshold, what it does to a flagged input."""
+    if gate is None:
+        return ""
+    if not gate.get("kept"):
+        return f"<h2>Score gate</h2><p>Left out: {esc(gate.get('reason', ''))}</p>"
+    suspects = gate.get("suspects") or {}
+    probes = suspects.get("probes") or {}
+    rows = [["alarm (clean images flagged, at most)", f"{100 * gate['alarm']:g}%"],
+            ["threshold", f"{gate['threshold']:.4g}"],
+            ["flagged input", "kept from the suspected classes only" if gate.get("response") == "exclude"
+             else "channel means bounded at their clean average"],
+            ["suspected classes", ", ".join(map(str, suspects.get("classes", []))) or "none"],
+            ["suspected by", suspects.get("source", "not looked for")]]
+    if probes:
+        rows.append(["probe forwards", f"{probes['queries']} ({probes['seconds']:.1f} s)"])
+    return "<h2>Score gate</h2>" + table(None, rows)
 
 
 def synthesis_body(report: SynthesisReport) -> str:
