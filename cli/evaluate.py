@@ -28,6 +28,9 @@ def evaluation_table(rows: list[tuple[str, Evaluation]]) -> Table:
     table.add_column("images", justify="right")
     table.add_column("clean ACC", justify="right")
     table.add_column("ASR", justify="right")
+    triggered = any(ev.triggered_accuracy is not None for _, ev in rows)
+    if triggered:
+        table.add_column("triggered, true class", justify="right")
     refusing = any(ev.refused is not None for _, ev in rows)
     if refusing:
         for col in ("refused: clean / triggered", "refusing them: accepted and correct / ASR"):
@@ -38,7 +41,8 @@ def evaluation_table(rows: list[tuple[str, Evaluation]]) -> Table:
         extra = ([f"{pct(ev.refused)} / {pct(ev.refused_triggered)}",
                   f"{pct(ev.accepted_correct, '.2f')} / {pct(ev.asr_accepted)}"]
                  if ev.refused is not None else ["", ""]) if refusing else []
-        table.add_row(name, str(ev.images), f"{100 * ev.accuracy:.2f}%", asr, *extra)
+        recovered = [pct(ev.triggered_accuracy)] if triggered else []
+        table.add_row(name, str(ev.images), f"{100 * ev.accuracy:.2f}%", asr, *recovered, *extra)
     return table
 
 

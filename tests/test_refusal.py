@@ -79,8 +79,10 @@ def test_cli_evaluate_reads_the_gate_output_of_a_clamped_model(fixtures_dir, gat
     assert r.exit_code == 0, r.output
     ev = json.loads(r.stdout)["evaluation"]
     assert ev["refused_triggered"] >= 0.95 and ev["asr_accepted"] <= 0.02
+    # the probes suspect the target, so a gated image keeps its features: measured 97.4% true class
+    assert ev["triggered_accuracy"] >= 0.9
     r = runner.invoke(app, args)
-    assert r.exit_code == 0 and "refused: clean / triggered" in r.output
+    assert r.exit_code == 0 and "refused: clean / triggered" in r.output and "triggered, true class" in r.output
     plain = runner.invoke(app, ["evaluate", str(fixtures_dir / "digits_blended.onnx"), "--data",
                                 str(fixtures_dir / "digits_test.npz"), "--json", "-", "-q"])
     assert json.loads(plain.stdout)["evaluation"]["refused"] is None
