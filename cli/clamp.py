@@ -242,7 +242,7 @@ def _suspects_text(suspects: dict, response: str | None) -> str:
     classes = ", ".join(str(c) for c in suspects["classes"])
     kept = "; otherwise bounded as any other input" if response == "exclude" else ""
     return (f"; never given class {classes} (suspected by {where}){kept}" if classes
-            else f"; no class excluded ({where} suspect none)")
+            else f"; no class excluded (none suspected by {where})")
 
 
 def parse_cap(value: str) -> float | None:
