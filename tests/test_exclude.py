@@ -124,6 +124,8 @@ def test_gate_response_exclude_bounds_a_gated_image_as_any_other(model_file, pix
     for response in ("auto", "exclude", "average"):
         result = clamp(path, calib, dataclasses.replace(config, suspects=(1,), gate_response=response))
         assert result.report.strength["gate"]["response"] == ("average" if response == "average" else "exclude")
+        tightens = any("gated_bound" in o for node in result.proto.graph.node for o in node.output)
+        assert tightens == (response == "average")  # flag only: no gated bound in the graph
         got, got_gated = create_session(model, result.proto, "cpu").run(None, x)
         np.testing.assert_array_equal(got_gated, gated)
         base = pushed if response == "average" else ungated

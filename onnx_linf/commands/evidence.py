@@ -223,8 +223,9 @@ def given_suspects(model: Model, suspects) -> dict | None:
                              f"this one {model.sha256[:12]})")
         section = {"source": str(suspects),
                    "classes": sorted({int(c) for c in (report.evidence or {}).get("suspected") or ()})}
-    if declared_classes(model) is not None:  # raises for a class out of range
-        exclusion_mask(section["classes"], declared_classes(model), model.proto.graph.output[0].name)
+    count = declared_classes(model)
+    if count is not None:  # raises for a class out of range
+        exclusion_mask(section["classes"], count, model.proto.graph.output[0].name)
     return section
 
 

@@ -39,7 +39,17 @@ import onnx_graphsurgeon as gs
 from ..errors import RewriteError
 from ..model.load import Model
 from .exclude import exclude_when_gated
-from .graph import PREFIX, GraphFacts, Names, check_rewritable, export_graph, import_graph, np_dtype, splice_after
+from .graph import (
+    PREFIX,
+    GraphFacts,
+    Names,
+    Nodes,
+    check_rewritable,
+    export_graph,
+    import_graph,
+    np_dtype,
+    splice_after,
+)
 from .score import SCORE_OUTPUT, SCORE_PARTS_OUTPUT, score_outputs
 
 log = logging.getLogger(__name__)
@@ -75,7 +85,8 @@ class MeanBound:
     """Bound the mean of ``Relu(a)`` (for maps that can go negative) instead of the mean of ``a``."""
     gate_hi: np.ndarray | None = None
     """``[C]`` tighter bound for images the score gate has flagged (``clamp_maps(gate_threshold=)``):
-    they get ``min(B_gate / mu, 1)^p`` instead; None: the gate does not act on this map."""
+    they get ``min(B_gate / mu, 1)^p`` instead; equal to `hi`: the gate only flags here (what
+    ``clamp --gate-response exclude`` builds); None: the gate does not act on this map."""
     ref: np.ndarray | None = None
     """``[C]`` reference of the map's mean score part, ``max_c relu(log(max(mu, eps) / max(R, eps)))``,
     when it differs from `hi`: the evidence can be graded against a fixed clean quantile whatever
@@ -147,34 +158,6 @@ def _bound_array(tap: str, which: str, value: np.ndarray, dtype: np.dtype,
     return cast, granularity
 
 
-class _Nodes:
-    """Mints the nodes of one rewrite with fresh names and the model's opset conventions."""
-
-    def __init__(self, names: Names, opset: int, tap: str, dtype: np.dtype) -> None:
-        self.names, self.opset, self.tap, self.dtype = names, opset, tap, dtype
-        self.nodes: list[gs.Node] = []
-
-    def const(self, what: str, value) -> gs.Constant:
-        return gs.Constant(self.names.fresh(f"{PREFIX}/{what}/{self.tap}"), np.asarray(value, dtype=self.dtype))
-
-    def __call__(self, op: str, inputs: list, what: str, out: gs.Variable | None = None,
-                 dtype: np.dtype | None = None, **attrs) -> gs.Variable:
-        out = out or gs.Variable(self.names.fresh(f"{PREFIX}/clamp/{self.tap}/{what}"), dtype=dtype or self.dtype)
-        self.nodes.append(gs.Node(op, self.names.fresh(f"{PREFIX}/clamp/{self.tap}/{op}"), attrs=attrs,
-                                  inputs=inputs, outputs=[out]))
-        return out
-
-    def reduce_max(self, x: gs.Variable, axes: list[int], what: str) -> gs.Variable:
-        return self.reduce(x, "ReduceMax", axes, what)
-
-    def reduce(self, x: gs.Variable, op: str, axes: list[int], what: str, keepdims: int = 0) -> gs.Variable:
-        # ReduceMax/Min take `axes` as an attribute up to opset 17 and as an input from 18 on.
-        if self.opset >= 18:
-            axes_c = gs.Constant(self.names.fresh(f"{PREFIX}/axes/{self.tap}"), np.array(axes, dtype=np.int64))
-            return self(op=op, inputs=[x, axes_c], what=what, keepdims=keepdims)
-        return self(op=op, inputs=[x], what=what, keepdims=keepdims, axes=axes)
-
-
 @dataclass(frozen=True)
 class _GateAt:
     """The score gate at one map: thresholds, this map's part scales, the evidence of earlier maps."""
@@ -196,7 +179,7 @@ def _per_channel(value: np.ndarray, channels: int, what: str) -> np.ndarray:
     return arr
 
 
-def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
+def _mean_bound_nodes(n: Nodes, raw: gs.Variable, mb: MeanBound, channels: int, score: bool,
                       out: gs.Variable | None = None, gate: _GateAt | None = None,
                       ) -> tuple[gs.Variable, list[gs.Variable], tuple[gs.Variable | None, ...]]:
     """``raw * min(max(B, eps) / max(mu, eps), 1)^p``; when asked, the per-image parts
@@ -256,9 +239,11 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
             low_flag = n("Greater", [low_evidence, n.const("gate_low_threshold", gate.low_threshold)],
                          "gate_low_hit", dtype=np.bool_)
             flag = n("Or", [flag, low_flag], "gate_either", dtype=np.bool_)
-        g_num = n.const("gate_hi", np.maximum(np.minimum(g_hi, hi), mb.eps).reshape(1, channels, 1, 1))
-        bound = n("Where", [flag, g_num, num], "gated_bound")
-        factor = n("Div", [bound, n("Max", [mu, bound], "gated_floor")], "gated_factor")
+        tighter = np.maximum(np.minimum(g_hi, hi), mb.eps)
+        if not np.array_equal(tighter, np.maximum(hi, mb.eps)):  # a gate bound equal to B only flags
+            g_num = n.const("gate_hi", tighter.reshape(1, channels, 1, 1))
+            bound = n("Where", [flag, g_num, num], "gated_bound")
+            factor = n("Div", [bound, n("Max", [mu, bound], "gated_floor")], "gated_factor")
     scaled = n("Mul", [raw, _power(n, factor, float(mb.power))], "mean_scaled", out=out)
     return scaled, parts, (evidence, low_evidence, flag)
 
@@ -267,7 +252,7 @@ def _mean_bound_nodes(n: _Nodes, raw: gs.Variable, mb: MeanBound, channels: int,
 MAX_INT_POWER = 64
 
 
-def _power(n: _Nodes, x: gs.Variable, p: float) -> gs.Variable:
+def _power(n: Nodes, x: gs.Variable, p: float) -> gs.Variable:
     """``x^p``: by repeated squaring for an integer p (p = 6: three Muls), else one ``Pow``.
 
     ORT's Pow calls ``std::pow`` per element: 0.65 ms for a [16, 960] factor against 0.05 ms for
@@ -286,7 +271,7 @@ def _power(n: _Nodes, x: gs.Variable, p: float) -> gs.Variable:
     return result
 
 
-def _position_score(n: _Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | None,
+def _position_score(n: Nodes, x: gs.Variable, hi: np.ndarray, lo: np.ndarray | None,
                     hi_c: gs.Constant, lo_c: gs.Constant | None) -> gs.Variable:
     """Per image, the largest excess over [lo, hi], relative to the channel's largest |bound|: 0 inside."""
     excess = n("Relu", [n("Sub", [x, hi_c], "above")], "above_pos")
@@ -377,7 +362,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
 
     counted = [0]  # parts so far, built or not (the gate alone builds no position parts)
 
-    def add_part(n: _Nodes, part: gs.Variable | None, dtype: np.dtype) -> None:
+    def add_part(n: Nodes, part: gs.Variable | None, dtype: np.dtype) -> None:
         counted[0] += 1
         if part is not None and score_output:
             scores.append(part if dtype == np.float32 else n("Cast", [part], "score_f32", dtype=np.float32,
@@ -424,7 +409,7 @@ def clamp_maps(model: Model, bounds: Mapping[str, ClampBound], *, score_output: 
         def build(raw: gs.Variable, out: gs.Variable, tap: str = tap, hi: np.ndarray | None = hi,
                   lo: np.ndarray | None = lo, mean: MeanBound | None = bound.mean, dtype: np.dtype = dtype,
                   channels: int | None = channels) -> list[gs.Node]:
-            n = _Nodes(names, model.opset or 21, tap, dtype)
+            n = Nodes(names, model.opset or 21, tap, dtype)
             x, parts = raw, []  # kinds of this map's score parts
             if mean is not None:
                 kinds_here = ("mean", "low") if mean.lo is not None else ("mean",)

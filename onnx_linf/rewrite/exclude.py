@@ -1,8 +1,8 @@
 """Classes an image the score gate flagged must not be given: the suspected targets, excluded.
 
-A gated image (one whose channel means left the clean range, `rewrite.clamp`) is pushed towards
-clean averages and mostly loses its class; where it lands is close to chance, and when chance
-favours the backdoor's target (measured: 20% of a ResNet-8 SIG model's gated triggered images) the
+A gated image (one whose channel means left the clean range, `rewrite.clamp`) pushed towards clean
+averages mostly loses its class; where it lands is close to chance, and when chance favours the
+backdoor's target (measured: 20% of a ResNet-8 SIG model's gated triggered images) the
 prediction-level attack success stays up although the backdoor was detected. When the target is
 known or suspected (the probe families of ``scan --verdict``), the rewritten classifier output
 gives a gated image's excluded classes its smallest score, so its top-1 class is another one.
@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
-from .graph import PREFIX, GraphFacts, Names, np_dtype, splice_after
+from .graph import GraphFacts, Names, Nodes, np_dtype, splice_after
 
 
 def exclusion_mask(classes: Sequence[int], count: int, output: str) -> np.ndarray:
@@ -42,26 +42,13 @@ def exclude_when_gated(graph: gs.Graph, tensors: dict, facts: GraphFacts, names:
         raise RewriteError(f"excluding classes needs a classifier output [N, K] with a static K; '{output}' has "
                            f"shape {shape}")
     mask = exclusion_mask(classes, shape[1], output)
-    dtype = np_dtype(output, facts)
-
-    def node(op: str, inputs: list, out: gs.Variable | None = None, out_dtype=dtype, **attrs) -> gs.Variable:
-        out = out or gs.Variable(names.fresh(f"{PREFIX}/exclude/{op}"), dtype=out_dtype)
-        nodes.append(gs.Node(op, names.fresh(f"{PREFIX}/exclude/{op}"), attrs=attrs, inputs=inputs, outputs=[out]))
-        return out
-
-    def const(what: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(names.fresh(f"{PREFIX}/exclude/{what}"), value)
-
-    nodes: list[gs.Node] = []
 
     def build(raw: gs.Variable, out: gs.Variable) -> list[gs.Node]:
-        row = node("Reshape", [flag, const("row", np.array([-1, 1], dtype=np.int64))], out_dtype=np.bool_)
-        hit = node("And", [row, const("classes", mask)], out_dtype=np.bool_)
-        if opset >= 18:  # ReduceMin takes its axes as an input from opset 18 on, an attribute before
-            lowest = node("ReduceMin", [raw, const("axes", np.array([1], dtype=np.int64))], keepdims=1)
-        else:
-            lowest = node("ReduceMin", [raw], keepdims=1, axes=[1])
-        node("Where", [hit, lowest, raw], out)
-        return nodes
+        n = Nodes(names, opset, output, np_dtype(output, facts), space="exclude")
+        row = n("Reshape", [flag, n.const("row", [-1, 1], np.int64)], "gated_row", dtype=np.bool_)
+        hit = n("And", [row, n.const("classes", mask, np.bool_)], "excluded", dtype=np.bool_)
+        lowest = n.reduce(raw, "ReduceMin", [1], "lowest", keepdims=1)
+        n("Where", [hit, lowest, raw], "exclude", out=out)
+        return n.nodes
 
     return splice_after(graph, tensors[output], names, build)

@@ -186,6 +186,36 @@ def import_graph(proto: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(private)
 
 
+class Nodes:
+    """Mints the nodes of one rewrite at one tensor (`tap`) with fresh names under ``PREFIX/space``
+    and the model's opset conventions; constants and outputs default to `dtype`."""
+
+    def __init__(self, names: Names, opset: int, tap: str, dtype: np.dtype, space: str = "clamp") -> None:
+        self.names, self.opset, self.tap, self.dtype, self.space = names, opset, tap, dtype, space
+        self.nodes: list[gs.Node] = []
+
+    def const(self, what: str, value, dtype: np.dtype | None = None) -> gs.Constant:
+        return gs.Constant(self.names.fresh(f"{PREFIX}/{what}/{self.tap}"),
+                           np.asarray(value, dtype=dtype or self.dtype))
+
+    def __call__(self, op: str, inputs: list, what: str, out: gs.Variable | None = None,
+                 dtype: np.dtype | None = None, **attrs) -> gs.Variable:
+        where = f"{PREFIX}/{self.space}/{self.tap}"
+        out = out or gs.Variable(self.names.fresh(f"{where}/{what}"), dtype=dtype or self.dtype)
+        self.nodes.append(gs.Node(op, self.names.fresh(f"{where}/{op}"), attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    def reduce_max(self, x: gs.Variable, axes: list[int], what: str) -> gs.Variable:
+        return self.reduce(x, "ReduceMax", axes, what)
+
+    def reduce(self, x: gs.Variable, op: str, axes: list[int], what: str, keepdims: int = 0) -> gs.Variable:
+        # ReduceMax/Min take `axes` as an attribute up to opset 17 and as an input from 18 on.
+        if self.opset >= 18:
+            axes_c = gs.Constant(self.names.fresh(f"{PREFIX}/axes/{self.tap}"), np.array(axes, dtype=np.int64))
+            return self(op=op, inputs=[x, axes_c], what=what, keepdims=keepdims)
+        return self(op=op, inputs=[x], what=what, keepdims=keepdims, axes=axes)
+
+
 def splice_after(graph: gs.Graph, tensor: gs.Variable, names: Names,
                   build: Callable[[gs.Variable, gs.Variable], list[gs.Node]]) -> str:
     """Insert nodes right after `tensor`'s producer so that they read the producer's value and
