@@ -201,6 +201,34 @@ def score_auroc(case: Case, proto) -> tuple[float, float]:
     return auroc(neg, pos), neg
 
 
+def clean_predictions(case: Case, proto=None) -> np.ndarray:
+    """Top-1 predictions of `proto` (the original by default) on the clean test images, in order."""
+    from onnx_linf.measure.calibrate import model_tensor
+    from onnx_linf.measure.session import create_session
+
+    session = create_session(case.model, proto, "cpu")
+    output = session.inner.get_outputs()[0].name
+    return np.concatenate([session.run([output], model_tensor(batch, case.preprocess))[0].argmax(1)
+                           for batch in case.test.batches(256)])
+
+
+def test_labels(case: Case) -> np.ndarray:
+    return np.concatenate([batch.labels for batch in case.test.batches(256)])
+
+
+def paired_change(labels: np.ndarray, before: np.ndarray, after: np.ndarray) -> str:
+    """The clean accuracy change of a defence on the same test images, with a 95% confidence interval
+    from the paired (McNemar) variance: only the images whose correctness changed carry information,
+    so a change of a few tenths of a point on a few thousand images is often not distinguishable from 0."""
+    right0, right1 = before == labels, after == labels
+    n = len(labels)
+    lost, gained = int((right0 & ~right1).sum()), int((~right0 & right1).sum())
+    diff = (gained - lost) / n
+    half = 1.96 * np.sqrt(max(lost + gained - (gained - lost) ** 2 / n, 0.0)) / n
+    return (f"clean ACC change {100 * diff:+.2f} pt, 95% CI [{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}] "
+            f"({lost} lost, {gained} gained of {n})")
+
+
 def refusal(ev) -> str:
     """What a deployment that refuses the images the gate flags (``--gate-output``) would see, from an
     `Evaluation` measured with the gate output as its refusal: the share of clean and of triggered
@@ -216,6 +244,7 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
     from onnx_linf.errors import UsageError
 
     rows = []
+    labels, original = test_labels(case), clean_predictions(case)
     for defence, label, options in DEFAULT_ONLY if default_only else CLAMP_SETTINGS:
         t0 = time.perf_counter()
         try:
@@ -234,6 +263,7 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             acc, asr = measure(case, result.proto)
         s = result.report.strength
         detail = f"{len(result.records)} maps, {seconds:.0f} s"
+        detail += "; " + paired_change(labels, original, clean_predictions(case, result.proto))
         if s is not None and s["mode"] == "auto":
             detail += f"; chose q={s['quantile']:g}, {s['forwards']} forwards"
             if (s.get("gate") or {}).get("suspects") is not None:
