@@ -229,6 +229,26 @@ def paired_change(labels: np.ndarray, before: np.ndarray, after: np.ndarray) -> 
             f"({lost} lost, {gained} gained of {n})")
 
 
+def blocked_rows(case: Case, proto, labels: np.ndarray, original: np.ndarray) -> list[Row]:
+    """The default model's CPU deployment artefact (`rewrite.blocked.blocked_artifact`: the bounds
+    on ONNX Runtime's blocked layout), measured like the portable model, plus how many clean test
+    predictions the two disagree on (the artefact must change speed, not what the model does)."""
+    from onnx_linf.errors import RewriteError
+    from onnx_linf.rewrite.blocked import blocked_artifact
+
+    t0 = time.perf_counter()
+    try:
+        artefact = blocked_artifact(proto).proto
+    except RewriteError as exc:
+        return [Row("clamp v2", "default, blocked CPU artefact", float("nan"), None, f"not built: {exc}")]
+    seconds = time.perf_counter() - t0
+    acc, asr = measure(case, artefact)
+    portable, blocked = clean_predictions(case, proto), clean_predictions(case, artefact)
+    detail = (f"built in {seconds:.1f} s; top-1 differs from the portable model on {int((portable != blocked).sum())} "
+              f"of {len(labels)} clean test images; " + paired_change(labels, original, blocked))
+    return [Row("clamp v2", "default, blocked CPU artefact", acc, asr, detail)]
+
+
 def refusal(ev) -> str:
     """What a deployment that refuses the images the gate flags (``--gate-output``) would see, from an
     `Evaluation` measured with the gate output as its refusal: the share of clean and of triggered
@@ -277,6 +297,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             detail += "; " + refusal(ev)
             detail += f"; triggered images given their true class: {100 * ev.triggered_accuracy:.1f}%"
         rows.append(Row(defence, label, acc, asr, detail))
+        if options is DEFAULT_ONLY[-1][2]:
+            rows.extend(blocked_rows(case, result.proto, labels, original))
     if not grid:
         return rows
     selections = ["all", "last"]
