@@ -238,13 +238,16 @@ def blocked_rows(case: Case, proto, labels: np.ndarray, original: np.ndarray) ->
 
     t0 = time.perf_counter()
     try:
-        artefact = blocked_artifact(proto).proto
+        built = blocked_artifact(proto)
     except RewriteError as exc:
         return [Row("clamp v2", "default, blocked CPU artefact", float("nan"), None, f"not built: {exc}")]
     seconds = time.perf_counter() - t0
+    artefact = built.proto
     acc, asr = measure(case, artefact)
     portable, blocked = clean_predictions(case, proto), clean_predictions(case, artefact)
-    detail = (f"built in {seconds:.1f} s; top-1 differs from the portable model on {int((portable != blocked).sum())} "
+    differs = int((portable != blocked).sum())
+    detail = (f"built in {seconds:.1f} s, layout reorders {built.reorders_before} -> {built.reorders_after}; "
+              f"top-1 differs from the portable model on {differs} "
               f"of {len(labels)} clean test images; " + paired_change(labels, original, blocked))
     return [Row("clamp v2", "default, blocked CPU artefact", acc, asr, detail)]
 
