@@ -11,14 +11,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_linf.errors import RewriteError
 from onnx_linf.model.load import load_model
 from onnx_linf.rewrite.blocked import BLOCK_KEY, _to_blocked, blocked_artifact, nchwc_block_size
-from onnx_linf.rewrite.clamp import ClampBound, MeanBound, clamp_maps
+from onnx_linf.rewrite.clamp import SCORE_OUTPUT, ClampBound, MeanBound, clamp_maps
 
 BLOCK = nchwc_block_size()
 needs_nchwc = pytest.mark.skipif(BLOCK is None, reason="this ONNX Runtime CPU provider has no NCHWc layout")
 C, S = 32, 8
 
 
-def conv_net(tmp_path):
+def conv_net(tmp_path, opset=17):
     """input -> Conv -> Relu (a) -> Conv (b, signed) -> Relu -> Conv -> Relu (c) -> GAP -> Gemm."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name) for name, shape in
@@ -36,7 +36,7 @@ def conv_net(tmp_path):
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, S, S])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
     graph = helper.make_graph(nodes, "net", [x], [y], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     onnx.save(proto, tmp_path / "net.onnx")
     return load_model(tmp_path / "net.onnx")
 
@@ -98,6 +98,34 @@ def test_artefact_matches_the_portable_model_where_bounds_bind(tmp_path):
     plain = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert not np.allclose(plain.run(None, {"input": x[4:]})[0], want[4:], rtol=1e-3)  # the bounds did act
     np.testing.assert_allclose(got[:4], plain.run(None, {"input": x[:4]})[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_nchwc
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute, then an input
+def test_score_output_runs_on_the_blocked_maps(tmp_path, opset):
+    """The score's position part (a ReduceMax over C, H and W) reads the blocked map: no reorder is
+    added for it, and the score is the portable model's."""
+    model = conv_net(tmp_path, opset)
+    rng = np.random.default_rng(5)
+    calib = rng.normal(0, 1, (16, 3, S, S)).astype(np.float32)
+    m = maps(model, calib)
+    bounds = {t: ClampBound(hi=m[t].max(axis=0), mean=MeanBound(np.maximum(m[t], 0).mean(axis=(2, 3)).max(axis=0),
+                                                                  power=6.0, eps=1e-3, positive=t == "b"),
+                            lo=m[t].min(axis=0) if t == "b" else None) for t in "abc"}
+    without, _ = clamp_maps(model, bounds)
+    proto, _ = clamp_maps(model, bounds, score_output=True)
+    plain, scored = blocked_artifact(without), blocked_artifact(proto)
+    assert scored.reorders_after == plain.reorders_after < scored.reorders_before
+    x = np.concatenate([calib[:4], 3 * rng.normal(0, 1, (4, 3, S, S)).astype(np.float32)])
+    x[-2:, :, 2:5, 2:5] = 6.0
+    names = [o.name for o in proto.graph.output]
+    want = dict(zip(names, ort.InferenceSession(proto.SerializeToString(),
+                                                providers=["CPUExecutionProvider"]).run(names, {"input": x})))
+    got = dict(zip(names, ort.InferenceSession(scored.proto.SerializeToString(),
+                                               providers=["CPUExecutionProvider"]).run(names, {"input": x})))
+    assert want[SCORE_OUTPUT].shape == (8,) and (want[SCORE_OUTPUT][4:] > 0).all()  # bounds were exceeded
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * float(np.abs(want[name]).max()))
 
 
 @needs_nchwc

@@ -11,7 +11,9 @@ give the same values on the blocked buffer once their constants are laid out in 
 * the same ops with a per-image, per-channel operand ``[N,C,1,1]`` (the channel-mean factor), which
   is in blocked order already (one position): ORT's blocked ``Upsample`` spreads it over the map;
 * elementwise ops between two blocked maps of the same shape, unary elementwise ops: as they are;
-* ``GlobalAveragePool`` of a blocked map: ORT's blocked pool (its ``[N,C,1,1]`` output is in NCHW order).
+* ``GlobalAveragePool`` of a blocked map: ORT's blocked pool (its ``[N,C,1,1]`` output is in NCHW order);
+* ``ReduceMax``/``ReduceMin`` over axes 1, 2 and 3 (the score output's position part): the same
+  elements per image in another order, so the same value.
 
 `blocked_artifact` asks ONNX Runtime for its optimised graph (``optimized_model_filepath``), finds
 the reorders that only feed such ops, runs those ops on the blocked tensors instead and lets the
@@ -44,6 +46,8 @@ BLOCK_KEY = "onnx_linf_nchwc_block"
 _NCHWC = "com.microsoft.nchwc"
 _BINARY = {"Add", "Sub", "Mul", "Div", "Min", "Max"}
 _UNARY = {"Relu", "Neg", "Abs", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Identity", "Clip"}
+#: Reductions that give the same value on a blocked map when they reduce every non-batch axis.
+_WHOLE_REDUCE = {"ReduceMax", "ReduceMin"}
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,10 @@ def blocked_artifact(proto: onnx.ModelProto, check: Sequence[Mapping[str, np.nda
             # ORT's blocked pool writes [N,C,1,1] in NCHW memory order: its NCHW readers stay as they are.
             n.input[0] = blocked[n.input[0]][0]
             n.domain = _NCHWC
+        elif n.domain == "" and n.op_type in _WHOLE_REDUCE and n.input[0] in blocked \
+                and _reduces_every_element(n, attrs, consts):
+            # Over C, H and W at once the blocked buffer holds the same elements per image: the same value.
+            n.input[0] = blocked[n.input[0]][0]
         elif n.domain == "" and (n.op_type in _BINARY and len(n.input) == 2 or n.op_type in _UNARY):
             made = _convert(n, blocked, consts, shapes, block, fresh, const)
             if made:
@@ -264,6 +272,18 @@ def _check(proto: onnx.ModelProto, artefact: onnx.ModelProto, feeds: Sequence[Ma
             if not worst <= rtol * max(scale, 1e-30):
                 raise RewriteError(f"blocked artefact: output '{name}' differs from the portable model on "
                                    f"feed {k} by {worst:.3g} (allowed {rtol:g} x {scale:.3g})")
+
+
+def _reduces_every_element(n: onnx.NodeProto, attrs: dict, consts: dict) -> bool:
+    """True when reduction `n` of a 4-D map reduces axes 1, 2 and 3 (its per-image value is then
+    independent of how the image's elements are laid out in memory)."""
+    if len(n.input) > 1 and n.input[1]:
+        if n.input[1] not in consts:
+            return False
+        axes = [int(a) for a in numpy_helper.to_array(consts[n.input[1]]).reshape(-1)]
+    else:
+        axes = list(attrs.get("axes", ()))
+    return {a % 4 for a in axes} == {1, 2, 3}
 
 
 def _convert(n: onnx.NodeProto, blocked: dict, consts: dict, shapes: dict, block: int, fresh, const
