@@ -212,7 +212,8 @@ def clean_predictions(case: Case, proto=None) -> np.ndarray:
                            for batch in case.test.batches(256)])
 
 
-def test_labels(case: Case) -> np.ndarray:
+def clean_labels(case: Case) -> np.ndarray:
+    """The test images' labels, in the order `clean_predictions` runs them."""
     return np.concatenate([batch.labels for batch in case.test.batches(256)])
 
 
@@ -267,7 +268,7 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
     from onnx_linf.errors import UsageError
 
     rows = []
-    labels, original = test_labels(case), clean_predictions(case)
+    labels, original = clean_labels(case), clean_predictions(case)
     for defence, label, options in DEFAULT_ONLY if default_only else CLAMP_SETTINGS:
         t0 = time.perf_counter()
         try:
