@@ -230,7 +230,7 @@ def paired_change(labels: np.ndarray, before: np.ndarray, after: np.ndarray) -> 
             f"({lost} lost, {gained} gained of {n})")
 
 
-def blocked_rows(case: Case, proto, labels: np.ndarray, original: np.ndarray) -> list[Row]:
+def blocked_rows(case: Case, proto, labels: np.ndarray, original: np.ndarray, portable: np.ndarray) -> list[Row]:
     """The default model's CPU deployment artefact (`rewrite.blocked.blocked_artifact`: the bounds
     on ONNX Runtime's blocked layout), measured like the portable model, plus how many clean test
     predictions the two disagree on (the artefact must change speed, not what the model does)."""
@@ -245,7 +245,7 @@ def blocked_rows(case: Case, proto, labels: np.ndarray, original: np.ndarray) ->
     seconds = time.perf_counter() - t0
     artefact = built.proto
     acc, asr = measure(case, artefact)
-    portable, blocked = clean_predictions(case, proto), clean_predictions(case, artefact)
+    blocked = clean_predictions(case, artefact)
     differs = int((portable != blocked).sum())
     detail = (f"built in {seconds:.1f} s, layout reorders {built.reorders_before} -> {built.reorders_after}; "
               f"top-1 differs from the portable model on {differs} "
@@ -287,7 +287,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             acc, asr = measure(case, result.proto)
         s = result.report.strength
         detail = f"{len(result.records)} maps, {seconds:.0f} s"
-        detail += "; " + paired_change(labels, original, clean_predictions(case, result.proto))
+        predicted = clean_predictions(case, result.proto)
+        detail += "; " + paired_change(labels, original, predicted)
         if s is not None and s["mode"] == "auto":
             detail += f"; chose q={s['quantile']:g}, {s['forwards']} forwards"
             if (s.get("gate") or {}).get("suspects") is not None:
@@ -301,8 +302,8 @@ def clamp_rows(case: Case, grid: bool = False, default_only: bool = False) -> li
             detail += "; " + refusal(ev)
             detail += f"; triggered images given their true class: {100 * ev.triggered_accuracy:.1f}%"
         rows.append(Row(defence, label, acc, asr, detail))
-        if options is DEFAULT_ONLY[-1][2]:
-            rows.extend(blocked_rows(case, result.proto, labels, original))
+        if (defence, label) == DEFAULT_ONLY[-1][:2]:
+            rows.extend(blocked_rows(case, result.proto, labels, original, predicted))
     if not grid:
         return rows
     selections = ["all", "last"]
