@@ -17,6 +17,7 @@ from onnx_linf.commands.ratio import SweepResult, SweepRow
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.accuracy import before_after, open_labelled
 from onnx_linf.measure.preprocess import Trigger
+from onnx_linf.measure.probes import ProbeConfig
 from onnx_linf.model.load import load_model
 
 from . import options as o
@@ -43,7 +44,11 @@ def prune_command(
     trigger: o.Trigger = None,
     mask: o.Mask = None,
     suspect: o.Suspect = None,
-    synthesize: o.SynthFlag = False,
+    synthesize: Annotated[bool, typer.Option("--synthesize", help="Evidence from the patch search alone (no "
+                                             "probe families).")] = False,
+    verdict: Annotated[bool, typer.Option("--verdict", help="Evidence from the verdict (the default when no "
+                                          "evidence is given): the patch search's trigger, or the best probe of "
+                                          "a class only the probe families suspect.")] = False,
     classes: o.SynthClasses = None,
     seed: o.SynthSeed = 0,
     max_queries: o.MaxQueries = None,
@@ -82,8 +87,11 @@ def prune_command(
     """Zero the channels most driven by a trigger (differential ℓ∞), verify the model, and write it.
 
     Evidence: --trigger/--mask (stamped on the calibration images), --suspect (real triggered
-    images), --from-report, or --synthesize (the default when none is given: a trigger is searched
-    per class with forward passes only, and the most anomalous one is used). The pruned model is
+    images), --from-report, or --verdict (the default when none is given): the evidence families of
+    ``scan --verdict`` run, and the channels are ranked by the trigger of the suspected class: the
+    patch search's synthesized trigger, or, when only a probe family suspects it (a full-image
+    trigger), that family's best probe (a grating or a noise blend) stamped on every image.
+    --synthesize uses the patch search alone. The pruned model is
     checked (onnx.checker, ONNX Runtime, outputs equal to the original with those channels masked)
     before it is written, and the top-1 class of the verification images must mostly stay the same
     (--min-agreement); a failed check writes nothing and exits 1.
@@ -96,13 +104,16 @@ def prune_command(
                             engine=o.engine_options(ray, ray_workers, ray_gpus)),
             evidence=evidence_mode, fold=fold, max_acc_drop=max_acc_drop, labels=labels, target=target,
             synthesize=o.synth_config(classes, seed, max_queries, time_limit), min_agreement=min_agreement,
+            probes=ProbeConfig(seed=seed),
         )
         evidence = None
-        if synthesize:
-            # The synthesized trigger ranks the channels; a --trigger given too only measures the ASR.
+        if synthesize and verdict:
+            raise UsageError("--synthesize is the patch search alone, --verdict adds the probes: give one")
+        if synthesize or verdict:
+            # The searched trigger ranks the channels; a --trigger given too only measures the ASR.
             if suspect is not None:
-                raise UsageError("--synthesize searches its own trigger: drop --suspect")
-            evidence = Evidence(synthesize=config.synthesize)
+                raise UsageError(f"--{'verdict' if verdict else 'synthesize'} searches its own trigger: drop --suspect")
+            evidence = Evidence(synthesize=config.synthesize, probes=config.probes if verdict else None)
         elif trigger is not None or suspect is not None or mask is not None:
             evidence = Evidence(trigger=trigger, mask=mask, suspect=suspect)
         if eval_data is not None and (trigger is None or target is None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
@@ -14,15 +15,17 @@ from onnx_linf.commands import evidence as evidence_module
 from onnx_linf.decide.probes import (
     GRATING_THRESHOLD,
     NOISE_BLEND_THRESHOLD,
+    ProbeCheck,
     candidate_scores,
     probe_candidates,
     probe_checks,
     selective_statistic,
+    strongest_suspect,
 )
 from onnx_linf.decide.synthesis import results as synth
 from onnx_linf.errors import UsageError
 from onnx_linf.measure.preprocess import Preprocess
-from onnx_linf.measure.probes import ProbeConfig, ProbeFamily, ProbeSpec, run_probes
+from onnx_linf.measure.probes import ProbeConfig, ProbeFamily, ProbeSpec, grating, probe_trigger, run_probes
 from onnx_linf.model.load import load_model
 
 import models
@@ -104,6 +107,50 @@ def test_planted_grating_backdoor_is_flagged_and_its_twin_is_not(model_file, gre
     assert FAST.forwards(len(pixels), (SIZE, SIZE)) == 60 * (1 + 3 + 64)
 
 
+def test_the_suspected_class_s_best_probe_as_a_trigger(model_file, grey):
+    """What ``prune`` ranks channels by when only a probe family suspects a class: that family's best
+    probe for it, stamped on every image. On the planted network it is the planted grating's
+    orientation and period, it adds exactly the probe's sinusoid, and it sends the images to class 0."""
+    model = load_model(model_file(template_classifier(True), "t.onnx"))
+    pixels = clean_pixels(60)
+    checks = probe_checks(run_probes(model, grey, pixels, FAST, "cpu"))
+    top = strongest_suspect(checks)
+    assert top is not None and top.family == "grating" and top.top_class == 0
+    spec = top.best_specs[0]
+    assert spec.describe() == top.best_probe[0] and spec.params["orientation"] == "columns"
+    trig = probe_trigger(spec, grey)
+    stamped = trig.stamp(pixels)
+    expected = np.clip(np.rint(pixels.astype(np.float32) + grating(spec, (SIZE, SIZE))), 0, 255)
+    np.testing.assert_array_equal(stamped, expected.astype(np.uint8))
+    assert trig.description.startswith("grating probe (columns 4 periods")
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": grey.apply(stamped)})[0]
+    assert np.mean(logits.argmax(axis=1) == 0) > 0.9
+
+
+def test_noise_blend_probe_trigger_is_one_seeded_draw():
+    rgb = Preprocess((8, 8), channels="RGB")
+    spec = ProbeSpec("noise-blend", {"alpha": 0.2, "repeat": 0})
+    a, b, c = probe_trigger(spec, rgb, seed=0), probe_trigger(spec, rgb, seed=0), probe_trigger(spec, rgb, seed=1)
+    np.testing.assert_array_equal(a.pattern, b.pattern)
+    assert not np.array_equal(a.pattern, c.pattern) and a.pattern.shape == (8, 8, 3)
+    x = np.full((2, 8, 8, 3), 100, np.uint8)
+    expected = np.rint(0.8 * 100.0 + 0.2 * a.pattern).astype(np.uint8)
+    np.testing.assert_array_equal(a.stamp(x), np.stack([expected, expected]))
+
+
+def test_strongest_suspect_is_the_family_furthest_above_its_threshold():
+    def check(family, stats, threshold):
+        stats = np.array(stats)
+        return ProbeCheck(family, stats, threshold, ("p",) * len(stats), stats, 0, 0.0, 1)
+    quiet = check("noise-blend", [0.1, 0.2, 0.3], 0.65)
+    assert strongest_suspect((quiet,)) is None and strongest_suspect(()) is None
+    noise = check("noise-blend", [0.7, 0.2, 0.1], 0.65)    # 1.08x its threshold, class 0
+    gratings = check("grating", [0.1, 0.1, 0.8], 0.65)    # 1.23x, class 2
+    assert strongest_suspect((noise, gratings, quiet)) is gratings and gratings.top_class == 2
+    assert strongest_suspect((noise, quiet)) is noise
+
+
 def test_same_seed_same_shares_and_another_seed_differs(model_file, grey):
     model = load_model(model_file(template_classifier(True), "t.onnx"))
     pixels = clean_pixels(100)
@@ -181,6 +228,11 @@ def test_verdict_gate_exit_code_and_report_sections(fixtures_dir, monkeypatch, n
     assert report["evidence"]["kind"] == "verdict"
     if verdict == "suspected":
         assert report["evidence"]["target"] == 0 and "class 0" in report["verdict_reason"]
+        # The noise-blend probe is the evidence the channels are ranked by (what prune would zero).
+        assert report["evidence"]["trigger"].startswith("noise-blend probe (alpha")
+        assert report["policy"]["score"] == "differential linf"
+    else:
+        assert "trigger" not in report["evidence"] and report["policy"]["score"] == "clean linf"
     assert "evidence families" in r.stderr
 
 

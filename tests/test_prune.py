@@ -83,15 +83,54 @@ def test_prune_without_evidence_synthesizes(fx, tmp_path, monkeypatch):
                "-q")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["evidence"] == {"kind": "synthesized", "suspected": [0], "target": 0}
+    # No evidence given: the verdict's families run; the patch search's trigger ranks the channels.
+    ev = report["evidence"]
+    assert (ev["kind"], ev["suspected"], ev["target"]) == ("verdict", [0], 0)
+    assert ev["families"] == ["noise-blend", "grating", "patch-synthesis"]
+    assert ev["trigger"].startswith("synthesized trigger for class 0")
     assert report["policy"]["score"] == "differential linf" and report["extra"]["synthesis"]["suspected"] == [0]
+
+
+def test_prune_synthesize_is_the_patch_search_alone(fx, tmp_path, monkeypatch):
+    fake_synthesis((0,), monkeypatch)
+    r = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "o.onnx", "--json", "-", "--limit", "64",
+               "-q", "--synthesize")
+    assert r.exit_code == 0, r.stderr
+    ev = json.loads(r.stdout)["evidence"]
+    assert ev["kind"] == "synthesized" and "families" not in ev
+    r = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "p.onnx", "--synthesize", "--verdict")
+    assert r.exit_code == ExitCode.INPUT_ERROR and "give one" in r.stderr and not (tmp_path / "p.onnx").exists()
+
+
+def test_prune_by_the_probe_when_only_a_probe_family_suspects(fixtures_dir, tmp_path, monkeypatch):
+    """A blended-noise backdoor the patch search misses (here: a search result that suspects nothing):
+    the noise-blend family suspects class 0, and its probe (one noise image blended at its weight)
+    ranks the channels. It is a faithful stand-in for the real trigger: it zeroes the channels the
+    real trigger would (most of them; all of them on this fixture)."""
+    fake_synthesis((), monkeypatch)
+    model, calib = fixtures_dir / "digits_blended.onnx", fixtures_dir / "digits_calib"
+    out = tmp_path / "o.onnx"
+    r = invoke("prune", model, "--calib", calib, "-o", out, "--json", "-", "--limit", "128", "-q")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    ev = report["evidence"]
+    assert ev["kind"] == "verdict" and ev["suspected"] == [0] and out.exists()
+    assert ev["trigger"].startswith("noise-blend probe (alpha") and "to class 0" in ev["trigger"]
+    by_probe = {(s["tap"], c) for s in report["extra"]["surgery"] for c in s["channels"]}
+    real = prune(model, calib, PruneConfig(scan=ScanConfig(limit=128, layers="last")),
+                 evidence=Evidence(trigger=fixtures_dir / "digits_blended_trigger.png",
+                                   mask=fixtures_dir / "digits_blended_mask.png"))
+    by_trigger = {(s["tap"], c) for s in real.report.extra["surgery"] for c in s["channels"]}
+    assert len(by_probe) == len(by_trigger) > 0
+    assert len(by_probe & by_trigger) >= 0.6 * len(by_trigger)
 
 
 def test_prune_when_synthesis_finds_nothing(fx, tmp_path, monkeypatch):
     fake_synthesis((), monkeypatch)
     r = invoke("prune", fx.model, "--calib", fx.calib, "-o", tmp_path / "o.onnx", "--limit", "32")
     assert r.exit_code == ExitCode.INPUT_ERROR
-    assert "suspects no target class" in r.stderr and "--trigger" in r.stderr
+    assert "the verdict suspects no target class" in r.stderr and "--trigger" in r.stderr
+    assert "noise-blend max" in r.stderr  # why: every family's statistic against its threshold
     assert not (tmp_path / "o.onnx").exists()
 
 

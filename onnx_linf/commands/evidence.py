@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 
 from ..decide.flag import Flagged, by_outliers, by_ratio, clean_scores, differential_scores
-from ..decide.probes import ProbeCheck, candidate_scores, probe_checks, probes_reason
+from ..decide.probes import ProbeCheck, candidate_scores, probe_checks, probes_reason, strongest_suspect
 from ..decide.synthesis.oracle import read_pool
 from ..decide.synthesis.synthesize import synthesize
 from ..errors import UsageError
 from ..measure.calibrate import Progress
 from ..measure.preprocess import Preprocess, Trigger
 from ..measure.probe import Probe
-from ..measure.probes import ProbeConfig, run_probes
+from ..measure.probes import ProbeConfig, probe_trigger, run_probes
 from ..measure.sources import DataSource, open_source
 from ..measure.stats import ChannelStats
 from ..model.load import Model
@@ -72,13 +72,13 @@ class Evidence:
                                                      [c.family for c in self.probe_checks]), "patch-synthesis"]}
             suspected = self.suspected_classes()
             out["suspected"], out["target"] = suspected, suspected[0] if suspected else None
-            return out
+            return self._with_trigger(out)
         if self.synthesize is not None:
             out = {"kind": "synthesized"}
             if self.synthesis is not None:
                 out["suspected"] = list(self.synthesis.suspected)
                 out["target"] = self.synthesis.suspected[0] if self.synthesis.suspected else None
-            return out
+            return self._with_trigger(out)
         if isinstance(self.trigger, Trigger):
             return {"kind": "trigger", "trigger": self.trigger.description}
         if self.trigger is not None:
@@ -86,6 +86,11 @@ class Evidence:
                     "mask": None if self.mask is None else str(self.mask)}
         return {"kind": "suspect", "path": str(self.suspect)}
 
+    def _with_trigger(self, out: dict) -> dict:
+        """`out` plus the trigger a resolved search or verdict stamps (what ``prune`` ranks by)."""
+        if isinstance(self.trigger, Trigger):
+            out["trigger"] = self.trigger.description
+        return out
 
     def suspected_classes(self) -> list[int]:
         """Classes any family suspects: the patch search's first, then the probes' (no repeats)."""
@@ -119,8 +124,10 @@ def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, prepr
     """Run trigger synthesis when asked; the result carries the most anomalous class's trigger.
 
     Returns the evidence unchanged for a given trigger or suspect images. For synthesis, a new
-    `Evidence` whose `trigger` is the synthesized trigger of the top suspected class, or None when
-    no class is suspected (then there is nothing to rank channels by).
+    `Evidence` whose `trigger` is the synthesized trigger of the top suspected class; with the probe
+    families too (the verdict) and no patch suspect, the best probe of the class the strongest fired
+    family suspects (`measure.probes.probe_trigger`: the grating, or a noise blend). None when no
+    family suspects a class (then there is nothing to rank channels by).
     """
     if evidence.synthesize is None or evidence.synthesis is not None:
         return evidence
@@ -132,6 +139,12 @@ def resolve_evidence(model: Model, evidence: Evidence, source: DataSource, prepr
     result = synthesize(model, source, preprocess, evidence.synthesize, provider=provider, progress=progress,
                         class_scores=scores)
     trigger = result.trigger(result.suspected[0]).as_trigger() if result.suspected else None
+    strongest = strongest_suspect(checks or ())
+    if trigger is None and strongest is not None:
+        k = strongest.top_class
+        found = probe_trigger(strongest.best_specs[k], preprocess, seed=evidence.probes.seed)
+        trigger = dataclasses.replace(found, description=f"{found.description}, which sends "
+                                      f"{100 * strongest.best_share[k]:.0f}% of the probed images to class {k}")
     return dataclasses.replace(evidence, trigger=trigger, synthesis=result, probe_checks=checks,
                                probe_report=section)
 
@@ -206,6 +219,14 @@ def families_verdict(evidence: Evidence) -> tuple[str, str, list[dict]]:
         return "suspected", "; ".join(fired + ([syn_reason] if syn_verdict == "suspected" else [])), families
     return "clean", ("no evidence family suspects a class (" + ", ".join(quiet) + f"); patch search: {syn_reason}"), \
         families
+
+
+def evidence_verdict(evidence: Evidence) -> tuple[str, str]:
+    """Verdict and reason of a resolved search (`synthesis_verdict`) or verdict (`families_verdict`)."""
+    if evidence.probes is not None:
+        verdict, reason, _ = families_verdict(evidence)
+        return verdict, reason
+    return synthesis_verdict(evidence.synthesis)
 
 
 def given_suspects(model: Model, suspects) -> dict | None:

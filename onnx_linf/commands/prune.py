@@ -16,6 +16,7 @@ from ..decide.synthesis.results import SynthConfig
 from ..errors import CalibrationDataError, NoEvidenceError, UsageError
 from ..measure.calibrate import Progress
 from ..measure.probe import Probe
+from ..measure.probes import ProbeConfig
 from ..measure.sources import DataSource, open_source
 from ..model.files import check_output_path, save_model
 from ..model.load import Model, load_model
@@ -36,7 +37,7 @@ from .common import (
     require_agreement,
     verify_inputs,
 )
-from .evidence import Evidence, measure_evidence, resolve_evidence, score_and_flag, synthesis_verdict
+from .evidence import Evidence, evidence_verdict, measure_evidence, resolve_evidence, score_and_flag
 from .options import ScanConfig
 from .ratio import RESIDUAL_ASR, SweepResult, sweep
 
@@ -61,6 +62,10 @@ class PruneConfig:
     """Relative tolerance of the numeric verification."""
     synthesize: Any = None
     """`synthesize.SynthConfig` used when no evidence is given (default options when None)."""
+    probes: ProbeConfig | None = field(default_factory=ProbeConfig)
+    """With no evidence given, also run the verdict's probe families (`measure.probes`) with the patch
+    search: a class only they suspect is pruned by its best probe (a grating, a noise blend). None:
+    the patch search alone."""
     max_acc_drop: float | None = None
     """Pick the ratio automatically: lowest trigger ASR with accuracy within this drop (needs labels)."""
     labels: str | os.PathLike | None = None
@@ -118,7 +123,7 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
     if from_report is None and evidence is None and config.evidence == "required":
         # With no evidence given, synthesize a trigger: ranking by clean activity finds nothing.
 
-        evidence = Evidence(synthesize=config.synthesize or SynthConfig())
+        evidence = Evidence(synthesize=config.synthesize or SynthConfig(), probes=config.probes)
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     check_rewritable(model)  # before any calibration pass
     if output is not None:
@@ -148,9 +153,10 @@ def prune(model_path: str | os.PathLike | Model, calib: str | os.PathLike | Data
             evidence.load_trigger(preprocess)
             evidence = resolve_evidence(model, evidence, source, preprocess, scan_cfg.provider, progress)
             if evidence.synthesis is not None and evidence.trigger is None:
+                searched = "the verdict" if evidence.probes is not None else "trigger synthesis"
                 raise NoEvidenceError(
-                    "trigger synthesis suspects no target class: there is no evidence to prune by "
-                    f"({synthesis_verdict(evidence.synthesis)[1]})",
+                    f"{searched} suspects no target class: there is no evidence to prune by "
+                    f"({evidence_verdict(evidence)[1]})",
                     hint="if you know the trigger, pass --trigger/--mask; the clamp needs no trigger")
         probe = Probe(model, taps, scan_cfg.measured_stats, scan_cfg.provider, engine=engine)
         clean = probe.measure(source, preprocess, scan_cfg.batch_size, progress=progress)

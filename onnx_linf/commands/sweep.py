@@ -13,7 +13,7 @@ from ..measure.sources import DataSource, open_source
 from ..model.load import Model, load_model
 from ..model.taps import find_taps
 from .common import make_engine
-from .evidence import Evidence, resolve_evidence, synthesis_verdict
+from .evidence import Evidence, evidence_verdict, resolve_evidence
 from .options import ScanConfig
 from .ratio import RATIO_GRID, SweepResult, sweep
 
@@ -42,12 +42,12 @@ def sweep_model(model_path: str | os.PathLike | Model, calib: str | os.PathLike 
                              input_name=model.input.name)
     evidence = resolve_evidence(model, evidence, source, preprocess, config.provider, progress)
     if evidence.trigger is None:
-        reason = synthesis_verdict(evidence.synthesis)[1]
-        raise NoEvidenceError(f"trigger synthesis suspects no target class ({reason})",
+        searched = "the verdict" if evidence.probes is not None else "trigger synthesis"
+        raise NoEvidenceError(f"{searched} suspects no target class ({evidence_verdict(evidence)[1]})",
                               hint="if you know the trigger, pass --trigger/--mask")
     trigger = evidence.load_trigger(preprocess)
     if evidence.synthesis is not None and target is None:
-        target = evidence.synthesis.suspected[0]
+        target = evidence.suspected_classes()[0]
     labelled = source if labels is None else open_source(labels, preprocess, labelled=True, limit=config.limit)
     if not labelled.has_labels:
         raise CalibrationDataError("the sweep needs labelled data: pass --labels (an .npz with x and y, or a "

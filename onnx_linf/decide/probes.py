@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..measure.preprocess import Preprocess
-from ..measure.probes import ProbeConfig, ProbeFamily, ProbeRun, run_probes
+from ..measure.probes import ProbeConfig, ProbeFamily, ProbeRun, ProbeSpec, run_probes
 from ..measure.session import Session
 from ..model.load import Model
 
@@ -71,6 +71,8 @@ class ProbeCheck:
     """Wall-clock seconds of this family."""
     images: int
     """Images probed."""
+    best_specs: tuple[ProbeSpec, ...] = ()
+    """Per class, the probe that sent the most images to it (`best_probe` describes these)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -143,7 +145,14 @@ def check_family(family: ProbeFamily, run: ProbeRun, threshold: float | None = N
                       threshold=THRESHOLDS[family.family] if threshold is None else threshold,
                       best_probe=tuple(family.probes[i].describe() for i in best),
                       best_share=shares.max(axis=0), queries=family.queries, seconds=family.seconds,
-                      images=len(run.clean), extra={"probes": len(family.probes)})
+                      images=len(run.clean), best_specs=tuple(family.probes[i] for i in best),
+                      extra={"probes": len(family.probes)})
+
+
+def strongest_suspect(checks: tuple[ProbeCheck, ...]) -> ProbeCheck | None:
+    """The check that fired furthest above its threshold (statistic / threshold), None if none fired."""
+    fired = [c for c in checks if c.suspected]
+    return max(fired, key=lambda c: c.statistic[c.top_class] / c.threshold) if fired else None
 
 
 def probe_checks(run: ProbeRun, thresholds: dict[str, float] | None = None) -> tuple[ProbeCheck, ...]:

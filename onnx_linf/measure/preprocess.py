@@ -167,7 +167,7 @@ def guess_layout(shape: Sequence[int | str | None]) -> str:
 
 @dataclass(frozen=True)
 class Trigger:
-    """A trigger stamped in pixel space: ``x' = (1 - m) * x + m * t``."""
+    """A trigger stamped in pixel space: ``x' = (1 - m) * x + m * t + d``, clipped to 0..255."""
 
     pattern: np.ndarray
     """float32 ``[H, W, C]`` pixel values 0..255."""
@@ -175,6 +175,9 @@ class Trigger:
     """float32 ``[H, W, 1]`` or ``[H, W, C]`` in [0, 1]; fractional values blend."""
     description: str = ""
     """Where it came from (file names), for reports."""
+    offset: np.ndarray | None = None
+    """float32 ``[H, W, 1]`` or ``[H, W, C]`` added after the blend, in pixel units (an additive pattern
+    such as a grating); None adds nothing."""
 
     def stamp(self, pixels: np.ndarray) -> np.ndarray:
         """Return stamped uint8 pixels ``[N, H, W, C]``."""
@@ -183,6 +186,8 @@ class Trigger:
                 f"trigger is {self.pattern.shape[0]}x{self.pattern.shape[1]} but images are "
                 f"{pixels.shape[1]}x{pixels.shape[2]}")
         out = (1.0 - self.mask) * pixels.astype(np.float32) + self.mask * self.pattern
+        if self.offset is not None:
+            out = out + self.offset
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
     @classmethod

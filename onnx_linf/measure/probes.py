@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..model.load import Model
-from .preprocess import Preprocess
+from .preprocess import Preprocess, Trigger
 from .session import Session, create_session
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,24 @@ def grating(spec: ProbeSpec, size: tuple[int, int]) -> np.ndarray:
     arg = {"rows": k * r + 0 * c, "columns": 0 * r + k * c, "diagonal": k * (r + c),
            "antidiagonal": k * (r - c)}[p["orientation"]]
     return (p["amplitude"] * np.sin(2 * np.pi * arg + p["phase"]))[..., None].astype(np.float32)
+
+
+def probe_trigger(spec: ProbeSpec, preprocess: Preprocess, seed: int = 0) -> Trigger:
+    """One probe as a trigger stamped the same way on every image, for channel ranking (``prune``).
+
+    A grating adds its sinusoid (`Trigger.offset`), exactly as the probe did. A noise blend blends
+    *one* seeded uniform-noise image at the probe's weight: the probe drew fresh noise per image,
+    which a network that answers any such blend answers for one draw too.
+    """
+    h, w = preprocess.size
+    c = preprocess.num_channels
+    if spec.family == "grating":
+        return Trigger(pattern=np.zeros((h, w, c), np.float32), mask=np.zeros((h, w, 1), np.float32),
+                       offset=grating(spec, (h, w)), description=f"grating probe ({spec.describe()})")
+    noise = np.random.default_rng(seed).uniform(0.0, 255.0, (h, w, c)).astype(np.float32)
+    alpha = float(spec.params["alpha"])
+    return Trigger(pattern=noise, mask=np.full((h, w, 1), alpha, np.float32),
+                   description=f"noise-blend probe (alpha {alpha:g}, one uniform-noise image, seed {seed})")
 
 
 @dataclass(frozen=True)
